@@ -1,0 +1,158 @@
+"""LightningDataModule of weakly supervised training tuples.
+
+One Lightning epoch is one *mining round*: ``cache_size`` training queries. Before each
+round (``reload_dataloaders_every_n_epochs=1``) the current model re-describes all
+training queries and database images and the round's tuples are mined from those
+descriptors, as OpenIBL does every 1,000 queries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from wakd.data.datasets import PlaceSplit, load_split
+from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform
+from wakd.data.mining import Tuple, TupleMiner
+from wakd.eval.extract import extract_descriptors, split_descriptors
+
+
+class TupleDataset(Dataset):
+    """Images of mined tuples: ``[1 + pos_num + neg_num, 3, H, W]`` per item."""
+
+    def __init__(self, split: PlaceSplit, tuples: Sequence[Tuple], transform: Any, skip_corrupt: bool) -> None:
+        self.tuples = list(tuples)
+        self.queries = ImageListDataset(split.q_paths, transform, skip_corrupt=skip_corrupt)
+        self.database = ImageListDataset(split.db_paths, transform, skip_corrupt=skip_corrupt)
+
+    def __len__(self) -> int:
+        return len(self.tuples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        t = self.tuples[i]
+        images = [self.queries[t.query][0]]
+        images += [self.database[int(j)][0] for j in t.positives]
+        images += [self.database[int(j)][0] for j in t.negatives]
+        return torch.stack(images), t.query
+
+
+def split_images(split: PlaceSplit, transform: Any, skip_corrupt: bool = False) -> Dataset:
+    """Queries followed by database images, for one extraction pass."""
+    return ConcatDataset(
+        [
+            ImageListDataset(split.q_paths, transform, skip_corrupt=skip_corrupt),
+            ImageListDataset(split.db_paths, transform, skip_corrupt=skip_corrupt),
+        ]
+    )
+
+
+class TupleDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        dataset: dict,
+        image_size: Sequence[int] = (480, 640),
+        pos_num: int = 3,
+        neg_num: int = 3,
+        pos_pool: int = 20,
+        neg_pool: int = 1000,
+        cache_size: int = 1000,
+        tuples_per_batch: int = 1,
+        num_workers: int = 2,
+        eval_batch_size: int = 16,
+        augment: bool = True,
+        skip_corrupt: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset_cfg = dict(dataset)
+        self.image_size = tuple(image_size)
+        self.miner_args = dict(pos_num=pos_num, neg_num=neg_num, pos_pool=pos_pool, neg_pool=neg_pool)
+        self.cache_size = cache_size
+        self.tuples_per_batch = tuples_per_batch
+        self.num_workers = num_workers
+        self.eval_batch_size = eval_batch_size
+        self.skip_corrupt = skip_corrupt
+        self.seed = seed
+        self.train_transform = build_transform(self.image_size, train=augment, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self.eval_transform = build_transform(self.image_size, train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self.train_split: PlaceSplit | None = None
+        self.val_split: PlaceSplit | None = None
+        self.miner: TupleMiner | None = None
+        self._miner_state: dict | None = None
+
+    def _load(self, split: str) -> PlaceSplit:
+        cfg = self.dataset_cfg
+        return load_split(cfg["kind"], cfg["root"], cfg["splits"][split], scale=cfg.get("scale"))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_split is None:
+            self.train_split = self._load("train")
+            self.val_split = self._load("val")
+            self.miner = TupleMiner(self.train_split, **self.miner_args)
+            if self._miner_state is not None:
+                self.miner.load_state_dict(self._miner_state)
+
+    @property
+    def rounds_per_pass(self) -> int:
+        """Mining rounds per pass over the training queries."""
+        assert self.miner is not None, "call setup() first"
+        return math.ceil(len(self.miner.queries) / self.cache_size)
+
+    def round_queries(self, round_index: int) -> np.ndarray:
+        """The queries of one mining round: a seeded shuffle per pass, cut in cache_size pieces."""
+        assert self.miner is not None
+        pass_index, within = divmod(round_index, self.rounds_per_pass)
+        order = np.random.default_rng([self.seed, pass_index]).permutation(self.miner.queries)
+        return order[within * self.cache_size : (within + 1) * self.cache_size]
+
+    def mine_round(self, net: torch.nn.Module, round_index: int, device: torch.device) -> list[Tuple]:
+        """Describe every training image with ``net`` and mine this round's tuples."""
+        assert self.train_split is not None and self.miner is not None
+        split = self.train_split
+        extraction = extract_descriptors(
+            net,
+            split_images(split, self.eval_transform, self.skip_corrupt),
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            device=device,
+            desc=f"mining round {round_index}",
+        )
+        q_desc, db_desc = split_descriptors(extraction, [split.num_queries, split.num_db])
+        rng = np.random.default_rng([self.seed, 1_000_003, round_index])
+        return self.miner.mine(self.round_queries(round_index), q_desc, db_desc, rng)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        assert trainer is not None and self.train_split is not None, "the datamodule is driven by a Trainer"
+        module = trainer.lightning_module
+        round_index = trainer.current_epoch
+        module.start_round(round_index)  # switches generation (and the model) before mining
+        tuples = self.mine_round(module.net, round_index, module.device)
+        dataset = TupleDataset(self.train_split, tuples, self.train_transform, self.skip_corrupt)
+        return DataLoader(
+            dataset,
+            batch_size=self.tuples_per_batch,
+            shuffle=True,
+            num_workers=self.num_workers,
+            pin_memory=module.device.type == "cuda",
+            drop_last=False,
+            generator=torch.Generator().manual_seed(self.seed * 7919 + round_index),
+        )
+
+    def val_images(self) -> Dataset:
+        assert self.val_split is not None
+        return split_images(self.val_split, self.eval_transform, self.skip_corrupt)
+
+    def state_dict(self) -> dict:
+        return {"miner": self.miner.state_dict()} if self.miner is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._miner_state = state.get("miner")
+        if self.miner is not None and self._miner_state is not None:
+            self.miner.load_state_dict(self._miner_state)

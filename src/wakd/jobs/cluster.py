@@ -1,0 +1,59 @@
+"""cluster.py: k-means centroids of dense local features for NetVLAD initialisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+
+from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform
+from wakd.jobs.common import load_dataset_split
+from wakd.models.clustering import kmeans_centroids, sample_local_features, write_centroid_file
+from wakd.models.place_net import PlaceNet
+
+
+def compute_centroids(
+    net: PlaceNet,
+    dataset: DictConfig,
+    out_path: str | Path,
+    *,
+    num_images: int = 500,
+    features_per_image: int = 100,
+    seed: int = 0,
+    batch_size: int = 16,
+    num_workers: int = 2,
+) -> Path:
+    """500 random training images (queries + database) -> 100 dense features each -> k-means."""
+    split = load_dataset_split(dataset, "train")
+    paths = [*split.q_paths, *split.db_paths]
+    chosen = np.random.default_rng(seed).choice(len(paths), size=min(num_images, len(paths)), replace=False)
+    transform = build_transform(tuple(dataset.image_size), train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    images = Subset(ImageListDataset(paths, transform), sorted(chosen.tolist()))
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
+    with torch.no_grad():
+        features = sample_local_features(
+            net.backbone, (batch[0] for batch in loader), per_image=features_per_image, seed=seed
+        )
+    centroids = kmeans_centroids(features, net.pool.num_clusters, seed=seed)
+    out_path = Path(out_path)
+    write_centroid_file(out_path, centroids, features)
+    return out_path
+
+
+def run(cfg: DictConfig) -> Path:
+    import hydra
+
+    net = hydra.utils.instantiate(cfg.model.net)
+    path = compute_centroids(
+        net,
+        cfg.dataset,
+        cfg.centroids,
+        num_images=cfg.cluster.num_images,
+        features_per_image=cfg.cluster.features_per_image,
+        seed=cfg.seed,
+    )
+    print(f"centroids written to {path}")
+    return path

@@ -1,0 +1,71 @@
+"""Pieces the train / eval / cluster jobs share: dataset presence, model building."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from wakd.data.datasets import PlaceSplit, load_split
+from wakd.models.checkpoints import load_place_net_weights
+
+
+def ensure_dataset(dataset: DictConfig) -> None:
+    """Generate the synthetic city on first use; real datasets must already be in place."""
+    if dataset.kind != "synthcity" or Path(dataset.root).is_dir():
+        return
+    from wakd.data.synthcity import generate_city
+
+    generate = dataset.get("generate") or {}
+    out_dir = Path(dataset.root).parents[1]  # <data_dir>/synthcity/raw -> <data_dir>
+    generate_city(out_dir, preset=generate.get("preset", "demo"), seed=int(generate.get("seed", 0)))
+
+
+def load_dataset_split(dataset: DictConfig, which: str) -> PlaceSplit:
+    """The split used for ``which`` in {train, val, test} (names as the dataset config maps them)."""
+    split = dataset.splits[which]
+    if split is None:
+        raise ValueError(f"dataset '{dataset.name}' has no {which} split (it is evaluation-only)")
+    ensure_dataset(dataset)
+    return load_split(dataset.kind, dataset.root, split, scale=dataset.get("scale"))
+
+
+def file_digest(path: str | os.PathLike, length: int = 16) -> str:
+    """Short SHA-256 of a file, to key caches and record which teacher was used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def checkpoint_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The model config a wakd checkpoint was trained with (None for foreign checkpoints)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("wakd"), dict):
+        return state["wakd"].get("model") or None
+    return None
+
+
+def build_net(model_cfg: DictConfig | dict, ckpt: str | None = None) -> torch.nn.Module:
+    """Instantiate a descriptor network and load ``ckpt`` into it (any supported layout)."""
+    net_cfg = model_cfg.get("net", model_cfg)
+    net = hydra.utils.instantiate(net_cfg)
+    if ckpt:
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+        load_place_net_weights(net, ckpt)
+    return net
+
+
+def model_config_for(cfg: DictConfig, ckpt: str | None) -> DictConfig:
+    """Prefer the architecture stored in a wakd checkpoint over the command line's ``model``."""
+    stored = checkpoint_model_config(ckpt) if ckpt else None
+    return OmegaConf.create(stored) if stored else cfg.model
+
+

@@ -1,0 +1,155 @@
+"""Reading weight files safely and loading them into wakd models.
+
+Every file is read with ``torch.load(..., weights_only=True)`` or safetensors, so
+a malicious pickle is refused instead of executed.
+
+``load_place_net_weights`` understands three layouts:
+
+* wakd Lightning checkpoints: ``{'state_dict': {'net.backbone.*', 'net.pool.*',
+  'net.pca.*', 'teacher.*', ...}}``; only ``net.*`` is used, other prefixes
+  (teacher, previous generation, losses) are ignored;
+* OpenIBL / WAKD checkpoints: ``{'state_dict': {'module.base_model.*',
+  'module.net_vlad.*'}}``. Mapping: an optional ``module.`` prefix is dropped,
+  ``base_model.base.<i>`` -> ``backbone.features.<i>`` (OpenIBL's VGG16 keeps
+  ``vgg16().features[:29]`` under ``base``, exactly our ``features``),
+  any other ``base_model.<rest>`` -> ``backbone.<rest>``, and
+  ``net_vlad.{conv.weight,centroids}`` -> ``pool.{conv.weight,centroids}``;
+* a plain ``PlaceNet.state_dict()``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from wakd.models.place_net import PlaceNet
+
+StateDict = dict[str, Tensor]
+
+_MAX_LISTED = 20
+
+
+@contextmanager
+def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Tensors of a weight file: the ``state_dict`` entry when present, ``module.`` stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        content: object = load_file(str(path))
+    else:
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path}: refusing to load, the file contains pickled objects other than "
+                f"tensors (weights_only=True). Re-save it as a plain state dict "
+                f"(torch.save(model.state_dict(), f)) or as .safetensors. Detail: {err}"
+            ) from None
+    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
+        content = content["state_dict"]
+    if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):
+        raise ValueError(
+            f"{path}: expected a state dict (name -> tensor) or a checkpoint with a "
+            f"'state_dict' entry, found {type(content).__name__}"
+            + (f" with keys {sorted(content)[:10]}" if isinstance(content, dict) else "")
+        )
+    return {k.removeprefix("module."): v for k, v in content.items()}
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown) + more
+
+
+def load_checked(
+    module: nn.Module,
+    state: StateDict,
+    source: str | os.PathLike,
+    may_miss: Callable[[str], bool] = lambda key: False,
+    ignore_unexpected: bool = False,
+) -> None:
+    """Load ``state`` into ``module``; any missing, unexpected or mis-shaped key -> one ValueError.
+
+    ``may_miss(key)`` marks model keys the file need not provide (e.g. a new
+    projection layer); BatchNorm's ``num_batches_tracked`` counters may always be
+    missing (old torchvision files lack them).
+    """
+    expected = module.state_dict()
+    missing = [
+        k
+        for k in expected
+        if k not in state and not k.endswith("num_batches_tracked") and not may_miss(k)
+    ]
+    unexpected = [] if ignore_unexpected else [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [
+            _listing(title, items)
+            for title, items in (
+                ("shape mismatch", mismatched),
+                ("missing in file", missing),
+                ("unexpected in file", unexpected),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"{source}: weights do not fit this {type(module).__name__} "
+            f"(another architecture, cut, projection or NetVLAD size?)\n" + "\n".join(parts)
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def _openibl_to_wakd(key: str) -> str:
+    if key.startswith("base_model.base."):
+        return "backbone.features." + key.removeprefix("base_model.base.")
+    if key.startswith("base_model."):
+        return "backbone." + key.removeprefix("base_model.")
+    return "pool." + key.removeprefix("net_vlad.")
+
+
+def place_net_state(state: StateDict) -> StateDict:
+    """Translate any supported checkpoint layout (module docstring) to PlaceNet key names."""
+    if any(k.startswith("net.") for k in state):
+        return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    if any(k.startswith(("base_model.", "net_vlad.")) for k in state):
+        return {
+            _openibl_to_wakd(k): v
+            for k, v in state.items()
+            if k.startswith(("base_model.", "net_vlad."))
+        }
+    return state
+
+
+def load_place_net_weights(net: PlaceNet, path: str | os.PathLike) -> None:
+    """Load a wakd Lightning, OpenIBL/WAKD or plain PlaceNet checkpoint into ``net``."""
+    load_checked(net, place_net_state(read_state_dict(path)), path)

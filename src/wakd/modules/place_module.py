@@ -1,0 +1,261 @@
+"""One LightningModule for the plain NetVLAD baseline and for WAKD.
+
+Without a teacher it trains a NetVLAD model with the hard loss (this is also how a
+teacher is trained). With a teacher it adds the similarity-preserving distillation
+L = L_hard + w_soft * L_soft + w_distill * (MSE_vlad + MSE_att) (DESIGN.md section 1).
+The frozen teacher and the previous generation's model are deliberately *not*
+registered submodules: DDP never wraps them, the optimizer never sees them and the
+student's checkpoint stores only the student (plus the teacher's path and hash).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from wakd.losses import distill_loss, hard_loss, hardest_regions, sfrs_soft_loss
+from wakd.models.place_net import PlaceNet
+
+
+@dataclass(frozen=True)
+class GenerationSchedule:
+    """SFRS generations in passes over the training queries; one round = cache_size queries."""
+
+    count: int = 4
+    first_passes: int = 1  # generation 0 runs only the last epoch of the baseline
+    passes: int = 5
+    rounds_per_pass: int = 1
+
+    def passes_of(self, generation: int) -> int:
+        return self.first_passes if generation == 0 else self.passes
+
+    @property
+    def total_rounds(self) -> int:
+        return sum(self.passes_of(g) for g in range(self.count)) * self.rounds_per_pass
+
+    def generation_of(self, round_index: int) -> int:
+        end = 0
+        for g in range(self.count):
+            end += self.passes_of(g) * self.rounds_per_pass
+            if round_index < end:
+                return g
+        return self.count - 1
+
+
+def _frozen(net: nn.Module) -> nn.Module:
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+class PlaceModule(L.LightningModule):
+    def __init__(
+        self,
+        net: PlaceNet,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        *,
+        hard_loss_name: str = "sare_ind",
+        tau: float = 0.07,
+        margin: float = 0.1**0.5,
+        soft_weight: float = 0.5,
+        tau_per_generation: Sequence[float] = (0.07, 0.07, 0.06, 0.05),
+        schedule: GenerationSchedule | None = None,
+        teacher: PlaceNet | None = None,
+        teacher_info: dict | None = None,
+        distill_weight: float = 100.0,
+        distill_vlad: bool = True,
+        distill_attention: bool = True,
+        pos_num: int = 3,
+        eval_ns: Sequence[int] = (1, 5, 10),
+        val_every_n_rounds: int = 1,
+        model_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.hard_loss_name, self.tau, self.margin = hard_loss_name, tau, margin
+        self.soft_weight = soft_weight
+        self.tau_per_generation = tuple(tau_per_generation)
+        self.schedule = schedule or GenerationSchedule()
+        self.distill_weight = distill_weight
+        self.distill_vlad, self.distill_attention = distill_vlad, distill_attention
+        self.pos_num = pos_num
+        self.eval_ns = tuple(eval_ns)
+        self.val_every_n_rounds = val_every_n_rounds
+        self.model_config = model_config or {}
+        self.teacher_info = teacher_info or {}
+        # Unregistered on purpose (see module docstring): kept in __dict__, moved by hand.
+        object.__setattr__(self, "teacher", _frozen(teacher) if teacher is not None else None)
+        object.__setattr__(self, "prev_net", None)
+        self.generation = 0
+        self.initial_state: dict[str, torch.Tensor] | None = None
+        self._last_val: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- set-up
+    def train(self, mode: bool = True) -> PlaceModule:
+        super().train(mode)
+        for frozen in (self.teacher, self.prev_net):
+            if frozen is not None:
+                frozen.eval()  # Lightning's model.train() must not wake BatchNorm of frozen nets
+        return self
+
+    def on_fit_start(self) -> None:
+        for frozen in (self.teacher, self.prev_net):
+            if frozen is not None:
+                frozen.to(self.device)
+        if self.initial_state is None and self.schedule.count > 1:
+            # Every generation restarts from the weights training started with.
+            self.initial_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        if self.logger is not None:
+            trainable = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+            stats = {
+                "params/student": sum(p.numel() for p in self.net.parameters()),
+                "params/student_trainable": trainable,
+                "descriptor_dim": self.net.descriptor_dim,
+            }
+            if self.teacher is not None:
+                stats["params/teacher"] = sum(p.numel() for p in self.teacher.parameters())
+            self.logger.log_hyperparams(stats)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        # The paper steps StepLR per epoch = per pass over the queries, i.e. every rounds_per_pass rounds.
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": self.schedule.rounds_per_pass},
+        }
+
+    # ------------------------------------------------------------ generations
+    def start_round(self, round_index: int) -> None:
+        """Called by the datamodule before mining a round: enter a new generation if due."""
+        generation = self.schedule.generation_of(round_index)
+        if generation == self.generation:
+            return
+        prev = copy.deepcopy(self.net)
+        object.__setattr__(self, "prev_net", _frozen(prev))
+        if self.initial_state is not None:
+            self.net.load_state_dict(self.initial_state)
+        self._reset_optimizers()
+        self.generation = generation
+
+    def _reset_optimizers(self) -> None:
+        """A new optimizer per generation: clear momentum and restore the initial learning rate."""
+        if self._trainer is None:
+            return
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+            for group in optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.last_epoch = 0
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, _ = batch  # [B, T, 3, H, W], T = 1 anchor + P positives + negatives
+        b, t = images.shape[:2]
+        p = self.pos_num
+        flat = images.flatten(0, 1)
+        use_regions = self.generation >= 1
+        out = self.net.encode(flat, regions=use_regions)
+        desc = out.descriptor.view(b, t, -1)  # [B, T, K*D]
+        anchor, positives, negatives = desc[:, 0], desc[:, 1 : 1 + p], desc[:, 1 + p :]
+        if use_regions:
+            regions = out.regions.view(b, t, *out.regions.shape[1:])  # [B, T, 7, K*D]
+            negatives = hardest_regions(anchor, regions[:, 1 + p :])
+        kw = {"margin": self.margin} if self.hard_loss_name == "triplet" else {"tau": self.tau}
+        loss_hard = hard_loss(self.hard_loss_name, anchor, positives[:, 0], negatives, **kw)
+        loss = loss_hard
+        self.log("train/loss_hard", loss_hard, prog_bar=True, batch_size=b)
+
+        if use_regions and self.soft_weight > 0 and self.prev_net is not None:
+            with torch.no_grad():
+                prev = self.prev_net.encode(images[:, : 1 + p].flatten(0, 1), regions=True)
+            prev_regions = prev.regions.view(b, 1 + p, *prev.regions.shape[1:])
+            loss_soft = sfrs_soft_loss(
+                anchor,
+                regions[:, 1 : 1 + p],
+                prev.descriptor.view(b, 1 + p, -1)[:, 0],
+                prev_regions[:, 1:],
+                tau_prev=self.tau_per_generation[min(self.generation, len(self.tau_per_generation) - 1)],
+                tau=self.tau,
+            )
+            loss = loss + self.soft_weight * loss_soft
+            self.log("train/loss_soft", loss_soft, batch_size=b)
+
+        if self.teacher is not None and self.distill_weight > 0:
+            with torch.no_grad():
+                target = self.teacher.encode(flat)
+            terms = [
+                distill_loss(
+                    out.vlad[i * t : (i + 1) * t],
+                    target.vlad[i * t : (i + 1) * t],
+                    out.features[i * t : (i + 1) * t],
+                    target.features[i * t : (i + 1) * t],
+                    use_vlad=self.distill_vlad,
+                    use_attention=self.distill_attention,
+                )
+                for i in range(b)  # the Gram matrices are over the images of one tuple
+            ]
+            loss_distill = torch.stack([term["total"] for term in terms]).mean()
+            loss = loss + self.distill_weight * loss_distill
+            self.log("train/loss_distill", loss_distill, prog_bar=True, batch_size=b)
+
+        self.log("train/loss", loss, batch_size=b)
+        self.log("train/generation", float(self.generation), batch_size=b)
+        return loss
+
+    # ------------------------------------------------------------- validation
+    def on_train_epoch_end(self) -> None:
+        datamodule = self.trainer.datamodule
+        last_round = self.current_epoch + 1 >= self.trainer.max_epochs
+        if (self.current_epoch + 1) % self.val_every_n_rounds == 0 or last_round or not self._last_val:
+            from wakd.eval.evaluate import evaluate_split
+
+            result = evaluate_split(
+                self.net,
+                datamodule.val_split,
+                datamodule.val_images(),
+                ns=self.eval_ns,
+                batch_size=datamodule.eval_batch_size,
+                num_workers=datamodule.num_workers,
+                device=self.device,
+            )
+            self._last_val = {f"val/R@{n}": float(r) for n, r in result.recall.items()}
+        # Re-logging the last values on rounds without validation keeps the checkpoint monitor defined.
+        for key, value in self._last_val.items():
+            self.log(key, value, prog_bar=key in ("val/R@1", "val/R@5"), sync_dist=False)
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["wakd"] = {
+            "model": self.model_config,
+            "generation": self.generation,
+            "teacher": self.teacher_info,
+            "last_val": dict(self._last_val),
+            "prev_net": self.prev_net.state_dict() if self.prev_net is not None else None,
+            "initial_state": self.initial_state,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("wakd", {})
+        self.generation = int(state.get("generation", 0))
+        self._last_val = dict(state.get("last_val", {}))
+        self.initial_state = state.get("initial_state")
+        if state.get("prev_net") is not None:
+            prev = copy.deepcopy(self.net)
+            prev.load_state_dict(state["prev_net"])
+            object.__setattr__(self, "prev_net", _frozen(prev))
+

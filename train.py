@@ -1,0 +1,23 @@
+"""Train a NetVLAD baseline or a WAKD student. Examples:
+
+    python train.py model=vgg16 teacher=none                  # teacher / baseline
+    python train.py model=mobilenetv3_large teacher=vgg16     # WAKD distillation
+    python train.py -m datamodule.pos_num=1,3 datamodule.neg_num=3,10
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from wakd.cli import run_job
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from wakd.jobs import train
+
+    metrics = run_job(train.run, cfg)
+    return metrics.get("val/R@5")
+
+
+if __name__ == "__main__":
+    main()
