@@ -13,9 +13,10 @@ from wakd.cli import run_job
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from wakd.jobs import train
+    from wakd.jobs import pretrain, train
 
-    metrics = run_job(train.run, cfg)
+    job = pretrain.run if cfg.stage == "pretrain_places" else train.run
+    metrics = run_job(job, cfg)
     return metrics.get("val/R@5")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,13 @@ def test_round_trip(tmp_path: Path, timestamps: bool) -> None:
         np.testing.assert_array_equal(loaded.db_timestamps, original.db_timestamps)
         np.testing.assert_array_equal(loaded.q_timestamps, original.q_timestamps)
     assert [p.name for p in path.parent.iterdir()] == ["tiny.mat"]  # no temporary left behind
+
+
+def test_round_trip_keeps_other_radii(tmp_path: Path) -> None:
+    original = replace(_tiny(), pos_dist_thr=12.5, non_triv_pos_dist_sq_thr=400.0)
+    save_dbstruct(original, tmp_path / "radii.mat")
+    loaded = load_dbstruct(tmp_path / "radii.mat")
+    assert (loaded.pos_dist_thr, loaded.train_pos_radius) == (12.5, 20.0)
 
 
 def _raw_fields(db: DbStruct) -> dict[str, object]:

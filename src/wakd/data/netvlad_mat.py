@@ -139,9 +139,10 @@ def save_dbstruct(db: DbStruct, path: str | os.PathLike) -> None:
         "utmQ": np.asarray(db.q_utm, dtype=np.float64).T,
         "numImages": np.array([[db.num_db]], dtype=np.int32),
         "numQueries": np.array([[db.num_queries]], dtype=np.int32),
-        "posDistThr": np.array([[db.pos_dist_thr]], dtype=np.uint8),
-        "posDistSqThr": np.array([[db.pos_dist_thr**2]], dtype=np.uint16),
-        "nonTrivPosDistSqThr": np.array([[db.non_triv_pos_dist_sq_thr]], dtype=np.uint8),
+        # doubles, not the originals' uint8/uint16: radii other than 25 m / 10 m must survive
+        "posDistThr": np.array([[db.pos_dist_thr]], dtype=np.float64),
+        "posDistSqThr": np.array([[db.pos_dist_thr**2]], dtype=np.float64),
+        "nonTrivPosDistSqThr": np.array([[db.non_triv_pos_dist_sq_thr]], dtype=np.float64),
     }
     if db.has_timestamps:
         fields["dbTimeStamp"] = np.asarray(db.db_timestamps, dtype=np.int32).reshape(1, -1)

@@ -171,13 +171,14 @@ class FacadeAtlas:
             atlas[: tex.shape[0], off + tex.shape[1] : off + slot] = tex[:, -1:]
         levels, self.level_shape, self.level_base = [], [], []
         base = 0
-        for _ in range(MIP_LEVELS):
+        for level in range(MIP_LEVELS):
+            if level:
+                h, w = atlas.shape[0] // 2, atlas.shape[1] // 2
+                atlas = atlas.reshape(h, 2, w, 2, 3).mean(axis=(1, 3))
             levels.append(np.round(atlas * 255).astype(np.uint8).reshape(-1, 3))
             self.level_shape.append(atlas.shape[:2])
             self.level_base.append(base)
             base += atlas.shape[0] * atlas.shape[1]
-            h, w = atlas.shape[0] // 2, atlas.shape[1] // 2
-            atlas = atlas.reshape(h, 2, w, 2, 3).mean(axis=(1, 3))
         self.flat = np.concatenate(levels)
         self.level_width = np.array([s[1] for s in self.level_shape], np.int64)
         self.level_rows = np.array([s[0] for s in self.level_shape], np.int64)

@@ -14,7 +14,7 @@ from wakd.jobs.common import build_net, ensure_dataset, file_digest
 from wakd.modules.place_module import GenerationSchedule, PlaceModule
 
 
-def _instantiate_dict(group: DictConfig | None) -> list[Any]:
+def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [hydra.utils.instantiate(node) for node in group.values() if node and "_target_" in node]
@@ -94,8 +94,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=_instantiate_dict(cfg.get("callbacks")),
-        logger=_instantiate_dict(cfg.get("logger")) or False,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
         max_epochs=schedule.total_rounds,
     )
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)

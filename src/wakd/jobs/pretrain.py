@@ -1,0 +1,49 @@
+"""train.py experiment=pretrain_places: place-classification pretraining of a backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from wakd.data.rendered_datamodule import RenderedPlacesDataModule
+from wakd.jobs.common import build_net, ensure_dataset
+from wakd.jobs.train import check_writable, instantiate_group
+from wakd.modules.pretrain import PlaceClassificationModule
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    if cfg.dataset.kind != "synthcity":
+        raise ValueError(
+            f"place-classification pretraining renders fresh views and needs dataset=synthcity "
+            f"(got dataset={cfg.dataset.name}); on real data use ImageNet weights (model.weights=imagenet)"
+        )
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    check_writable(output_dir)
+    ensure_dataset(cfg.dataset)
+    p = cfg.pretrain
+    datamodule = RenderedPlacesDataModule(
+        cfg.dataset.root, cfg.dataset.image_size, cell_size=p.cell_size,
+        batch_size=p.batch_size, num_workers=p.num_workers, seed=cfg.seed,
+    )
+    backbone = build_net(cfg.model).backbone
+    module = PlaceClassificationModule(
+        backbone, backbone.out_channels, datamodule.num_classes, embed_dim=p.embed_dim,
+        scale=p.scale, margin=p.margin, lr=p.lr, head_lr=p.head_lr, eval_ns=cfg.eval_ns,
+    )
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+        max_epochs=-1,
+        max_steps=p.steps,
+        limit_train_batches=p.steps_per_epoch,  # the stream is endless: an "epoch" ends validation-wise
+        reload_dataloaders_every_n_epochs=0,
+    )
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    print(f"run directory: {output_dir}")
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

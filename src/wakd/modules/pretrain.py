@@ -1,0 +1,116 @@
+"""Place-classification pretraining: a stand-in for ImageNet weights (CosPlace-style).
+
+The training streets are cut into cells (classes); every batch is freshly rendered
+views of those places, so the backbone sees unlimited correctly labelled data.
+backbone -> GeM -> FC -> L2 -> cosine classifier with a large margin (CosFace):
+logits = s * (cos(theta_y) - m) for the true class, s * cos(theta_j) otherwise.
+The backbone is stored as ``net.backbone.*`` so ``model.weights=<this .ckpt>`` loads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling: (mean x^p)^(1/p), p learned."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(p))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, h, w] -> [B, C]
+        return x.clamp_min(self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
+
+
+class PlaceEmbedding(nn.Module):
+    """backbone -> GeM -> FC -> L2: a global descriptor, also used to validate pretraining."""
+
+    def __init__(self, backbone: nn.Module, out_channels: int, embed_dim: int = 256) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pool = GeM()
+        self.fc = nn.Linear(out_channels, embed_dim)
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.fc.out_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fc(self.pool(self.backbone(images))), dim=-1)
+
+
+class CosineMarginHead(nn.Module):
+    def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.25) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, embed_dim) * 0.01)
+        self.scale, self.margin = scale, margin
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cosine = embeddings @ F.normalize(self.weight, dim=-1).T  # [B, C]
+        margin = F.one_hot(labels, cosine.shape[1]).to(cosine.dtype) * self.margin
+        return self.scale * (cosine - margin)
+
+
+class PlaceClassificationModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        out_channels: int,
+        num_classes: int,
+        *,
+        embed_dim: int = 256,
+        scale: float = 30.0,
+        margin: float = 0.25,
+        lr: float = 1e-3,
+        head_lr: float = 1e-2,
+        eval_ns: Sequence[int] = (1, 5, 10),
+    ) -> None:
+        super().__init__()
+        self.net = PlaceEmbedding(backbone, out_channels, embed_dim)  # keys net.backbone.*
+        self.head = CosineMarginHead(embed_dim, num_classes, scale, margin)
+        self.lr, self.head_lr = lr, head_lr
+        self.eval_ns = tuple(eval_ns)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch  # [B, 3, H, W] in [0, 1], [B]
+        embeddings = self.net((images - self.mean) / self.std)
+        logits = self.head(embeddings, labels)
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", accuracy, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        head_params = [*self.head.parameters(), *self.net.fc.parameters(), *self.net.pool.parameters()]
+        return torch.optim.Adam(
+            [
+                {"params": [p for p in self.net.backbone.parameters() if p.requires_grad], "lr": self.lr},
+                {"params": head_params, "lr": self.head_lr},  # a fresh head learns faster than the body
+            ]
+        )
+
+    def on_train_epoch_end(self) -> None:
+        """Recall@N of the GeM embedding on the validation split of the city."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None or datamodule.val_split is None:
+            return
+        from wakd.eval.evaluate import evaluate_split
+
+        result = evaluate_split(
+            self.net, datamodule.val_split, datamodule.val_images(), ns=self.eval_ns,
+            batch_size=64, num_workers=0, device=self.device, progress=False,
+        )
+        for n, r in result.recall.items():
+            self.log(f"val/R@{n}", float(r), prog_bar=n in (1, 5))
