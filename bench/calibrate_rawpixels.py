@@ -32,8 +32,14 @@ def load_images(folder: Path, fns: list[str]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
 
 
-def recall_at(db_desc: np.ndarray, q_desc: np.ndarray, db_utm: np.ndarray, q_utm: np.ndarray,
-              ns: tuple[int, ...] = (1, 5, 10), radius: float = 25.0) -> dict[int, float]:
+def recall_at(
+    db_desc: np.ndarray,
+    q_desc: np.ndarray,
+    db_utm: np.ndarray,
+    q_utm: np.ndarray,
+    ns: tuple[int, ...] = (1, 5, 10),
+    radius: float = 25.0,
+) -> dict[int, float]:
     """Recall@N with exact inner-product search: a hit is a top-N image within ``radius``."""
     index = faiss.IndexFlatIP(db_desc.shape[1])
     index.add(np.ascontiguousarray(db_desc, dtype=np.float32))
@@ -60,7 +66,9 @@ class ResNetLayer3GAP(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         r = torchvision.models.resnet18(weights=None)
-        self.body = torch.nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3)
+        self.body = torch.nn.Sequential(
+            r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.body((x - IMAGENET_MEAN) / IMAGENET_STD).mean(dim=(2, 3))

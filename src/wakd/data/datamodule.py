@@ -85,6 +85,7 @@ class TupleDataModule(L.LightningDataModule):
         self.val_split: PlaceSplit | None = None
         self.miner: TupleMiner | None = None
         self._miner_state: dict | None = None
+        self._round: tuple[int, list[Tuple]] | None = None  # (round index, its mined tuples)
 
     def _load(self, split: str) -> PlaceSplit:
         cfg = self.dataset_cfg
@@ -131,18 +132,24 @@ class TupleDataModule(L.LightningDataModule):
         trainer = self.trainer
         assert trainer is not None and self.train_split is not None, "the datamodule is driven by a Trainer"
         module = trainer.lightning_module
-        round_index = trainer.current_epoch
-        module.start_round(round_index)  # switches generation (and the model) before mining
-        tuples = self.mine_round(module.net, round_index, module.device)
-        dataset = TupleDataset(self.train_split, tuples, self.train_transform, self.skip_corrupt)
+        # On resume Lightning asks for the loader before it marks the restored epoch complete,
+        # then again: count processed epochs and mine each round once, or the miner's memory
+        # of last negatives would drift from an uninterrupted run.
+        round_index = trainer.fit_loop.epoch_progress.current.processed
+        if self._round is None or self._round[0] != round_index:
+            module.start_round(round_index)  # switches generation (and the model) before mining
+            self._round = (round_index, self.mine_round(module.net, round_index, module.device))
+        # Same seed per round: a resumed run draws the same augmentations. No shuffling here:
+        # the round's queries are already a seeded permutation, and a sampler of our own would
+        # be replaced by Lightning on resume (and under DDP) with a differently seeded one.
+        torch.manual_seed(self.seed * 7919 + round_index)
+        dataset = TupleDataset(self.train_split, self._round[1], self.train_transform, self.skip_corrupt)
         return DataLoader(
             dataset,
             batch_size=self.tuples_per_batch,
-            shuffle=True,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=module.device.type == "cuda",
-            drop_last=False,
-            generator=torch.Generator().manual_seed(self.seed * 7919 + round_index),
         )
 
     def val_images(self) -> Dataset:

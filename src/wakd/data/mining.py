@@ -80,13 +80,19 @@ class TupleMiner:
             tuples.append(Tuple(q, positives.astype(np.int64), negatives.astype(np.int64)))
         return tuples
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        queries = np.array(sorted(self.last_negatives), dtype=np.int64)
-        negs = np.stack([self.last_negatives[q] for q in queries]) if len(queries) else np.empty((0, self.neg_num), np.int64)
-        return {"queries": queries, "negatives": negs}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors, not arrays: checkpoints are read back with ``weights_only=True``."""
+        queries = sorted(self.last_negatives)
+        negatives = [torch.from_numpy(self.last_negatives[q]) for q in queries]
+        return {
+            "queries": torch.tensor(queries, dtype=torch.int64),
+            "negatives": torch.stack(negatives) if negatives else torch.empty((0, self.neg_num), dtype=torch.int64),
+        }
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.last_negatives = {int(q): np.asarray(n) for q, n in zip(state["queries"], state["negatives"], strict=True)}
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.last_negatives = {
+            int(q): n.numpy().astype(np.int64) for q, n in zip(state["queries"], state["negatives"], strict=True)
+        }
 
 
 def _sq_dist(anchor: torch.Tensor, others: torch.Tensor) -> np.ndarray:

@@ -59,7 +59,9 @@ def make_styles(rng: np.random.Generator, n: int) -> list[FacadeStyle]:
     for i in range(n):
         hue = (i / n + rng.uniform(-0.05, 0.05)) % 1.0
         wall = _hsv(hue, rng.uniform(0.2, 0.55), rng.uniform(0.45, 0.85))
-        trim = _hsv((hue + rng.uniform(0.3, 0.7)) % 1.0, rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.95))
+        trim = _hsv(
+            (hue + rng.uniform(0.3, 0.7)) % 1.0, rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.95)
+        )
         window = _hsv(rng.uniform(0.5, 0.7), rng.uniform(0.1, 0.4), rng.uniform(0.12, 0.35))
         floor_h = rng.uniform(3.0, 4.2)
         styles.append(
@@ -137,7 +139,12 @@ def make_facade(
         tex = np.where(glass[..., None], style.window * 1.3, tex)
         tex = np.where(sign_band[..., None], accent, tex)
     else:
-        gwin = gf & (in_bay < style.win_w / 2) & (z > 1.0) & (z < 1.0 + min(style.win_h, ground_h - 1.3))
+        gwin = (
+            gf
+            & (in_bay < style.win_w / 2)
+            & (z > 1.0)
+            & (z < 1.0 + min(style.win_h, ground_h - 1.3))
+        )
         tex = np.where(gwin[..., None], style.window, tex)
     door_x = rng.uniform(0.8, max(0.9, width_m - 0.8))
     door = gf & (np.abs(x - door_x) < 0.6) & (z < 2.3)
@@ -314,7 +321,9 @@ def render_view(
     sky = lighting.sky_horizon * (1 - elev) + lighting.sky_top * elev
     ground_dist = np.where(r > r0, CAMERA_HEIGHT * f / np.maximum(r - r0, 1e-3), 1e6)
     g_fog = (1 - np.exp(-ground_dist / FOG_DISTANCE))[:, None]
-    road = np.array([0.36, 0.36, 0.38]) * lighting.light * (lighting.ambient + 0.3 * lighting.diffuse)
+    road = (
+        np.array([0.36, 0.36, 0.38]) * lighting.light * (lighting.ambient + 0.3 * lighting.diffuse)
+    )
     ground = road * (1 - g_fog) + lighting.haze * g_fog
     background = np.where((r > r0)[:, None], ground, sky)  # [H, 3]
     img = np.where(wall[..., None], wall_rgb, background[:, None, :])
@@ -332,7 +341,7 @@ class QueryEffects:
     gain_jitter: float = 0.25  # global exposure spread
     gamma_jitter: float = 0.25
     noise_sigma: float = 0.03  # Gaussian pixel noise, on [0, 1] intensities
-    max_occluders: int = 4  # cars, people, blobs per query
+    max_occluders: int = 3  # cars, people, blobs per query
 
 
 def apply_query_effects(img: np.ndarray, rng: np.random.Generator, fx: QueryEffects) -> np.ndarray:

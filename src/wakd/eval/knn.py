@@ -27,16 +27,14 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _cpu_tile_search() -> TileSearch:
-    def search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # Squared L2 of the vectors as stored, not 2 - 2<q,b>: fp16 rounding leaves
-        # the norms slightly off 1, and the reported distances must be exact.
-        return faiss.knn(xq, xb, k, metric=faiss.METRIC_L2)
-
-    return search
+def _cpu_tile_search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    # Squared L2 of the vectors as stored, not 2 - 2<q,b>: fp16 rounding leaves the
+    # norms slightly off 1, and the reported distances must be exact.
+    return faiss.knn(xq, xb, k, metric=faiss.METRIC_L2)
 
 
 def _gpu_tile_search() -> TileSearch:
+    """A tile search on GPU 0 that keeps one set of faiss GPU resources across tiles."""
     res = faiss.StandardGpuResources()
 
     def search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +81,7 @@ def knn_search(
         use_gpu = gpu_available()
     elif use_gpu and not gpu_available():
         raise RuntimeError("use_gpu=True but faiss has no GPU support or no CUDA device is visible")
-    tile_search = _gpu_tile_search() if use_gpu else _cpu_tile_search()
+    tile_search = _gpu_tile_search() if use_gpu else _cpu_tile_search
 
     num_db, num_q = database.shape[0], queries.shape[0]
     k = min(k, num_db)
@@ -91,13 +89,20 @@ def knn_search(
     out_dist = np.full((num_q, k), np.inf, dtype=np.float32)
     out_idx = np.full((num_q, k), -1, dtype=np.int64)
 
+    # fp32 staging buffers, reused so that a new chunk never coexists with the old one.
+    dim = database.shape[1]
+    xb_buf = np.empty((min(db_chunk, num_db), dim), dtype=np.float32)
+    xq_buf = np.empty((min(q_chunk, num_q), dim), dtype=np.float32)
+
     # Outer loop over the database so each fp32 database chunk is built once;
     # the running top-k of all queries ([Q,k]) is small next to it.
     for d0 in range(0, num_db, db_chunk):
-        xb = np.ascontiguousarray(database[d0 : d0 + db_chunk], dtype=np.float32)  # [n,D]
+        xb = xb_buf[: min(db_chunk, num_db - d0)]  # [n,D], contiguous leading rows
+        xb[:] = database[d0 : d0 + xb.shape[0]]
         kk = min(k, xb.shape[0])
         for q0 in range(0, num_q, q_chunk):
-            xq = np.ascontiguousarray(queries[q0 : q0 + q_chunk], dtype=np.float32)  # [q,D]
+            xq = xq_buf[: min(q_chunk, num_q - q0)]  # [q,D]
+            xq[:] = queries[q0 : q0 + xq.shape[0]]
             dist, idx = tile_search(xq, xb, kk)  # [q,kk]
             rows = slice(q0, q0 + xq.shape[0])
             out_dist[rows], out_idx[rows] = _merge_topk(
