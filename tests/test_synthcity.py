@@ -141,7 +141,7 @@ def test_nearby_view_is_more_similar_than_another_street(city):
 
 def test_rendered_places_labels_and_fresh_views(tiny, city):
     ds = RenderedPlaces(tiny[0], split="train", seed=0)  # rebuilt from the manifest
-    assert ds.num_classes == len(city.train_cells()[0]) > 10
+    assert ds.num_classes == ds.num_headings * len(city.train_cells()[0]) > 10
     it = iter(ds)
     samples = [next(it) for _ in range(6)]
     for img, label in samples:

@@ -281,10 +281,16 @@ class City:
         return np.round(img * 255).astype(np.uint8)
 
     def sample_query_pose(
-        self, rng: np.random.Generator, centre: np.ndarray, axis_deg: float, along_half: float
+        self,
+        rng: np.random.Generator,
+        centre: np.ndarray,
+        axis_deg: float,
+        along_half: float,
+        heading_index: int | None = None,
     ) -> tuple[float, float, float]:
         """A query-like pose near ``centre``: shifted along (up to ``along_half``) and across
-        the street, looking along one of the database headings plus jitter."""
+        the street, looking along one of the database headings (``heading_index``, random
+        when None) plus jitter."""
         cfg = self.config
         (along,), (across,) = _axis_vectors(np.array([axis_deg]))
         pos = (
@@ -292,7 +298,8 @@ class City:
             + along * rng.uniform(-along_half, along_half)
             + across * rng.uniform(-cfg.query_lateral, cfg.query_lateral)
         )
-        heading = rng.choice(self.view_headings(axis_deg))
+        headings = self.view_headings(axis_deg)
+        heading = headings[heading_index] if heading_index is not None else rng.choice(headings)
         heading += rng.uniform(-cfg.query_heading_jitter_deg, cfg.query_heading_jitter_deg)
         return float(pos[0]), float(pos[1]), float(heading % 360)
 
@@ -435,11 +442,13 @@ def city_from_root(root: str | os.PathLike) -> City:
 
 
 class RenderedPlaces(torch.utils.data.IterableDataset):
-    """Endless freshly rendered views of street cells, labelled by cell (place classification).
+    """Endless freshly rendered views of street cells, labelled by cell and heading.
 
     Each sample is a query-like view (position anywhere in the cell and across the street,
-    heading jittered around a database heading, random lighting, occluders, noise):
+    heading jittered around one database heading, random lighting, occluders, noise):
     ``(image float32 [3, H, W] in [0, 1], class_id)``. Images are not normalised.
+    A class is one (cell, heading) pair, as CosPlace groups by position and orientation:
+    views of one cell facing opposite ways share nothing a network could learn from.
     """
 
     def __init__(
@@ -454,19 +463,21 @@ class RenderedPlaces(torch.utils.data.IterableDataset):
         self.city = city_or_root if isinstance(city_or_root, City) else city_from_root(city_or_root)
         self.size = tuple(size) if size is not None else self.city.config.image_size
         self.centres, self.axes, self.halves = self.city.cells(split, cell_size)
+        self.num_headings = len(self.city.view_headings(0.0))
         self.seed = int(seed)
         self._epoch = 0
 
     @property
     def num_classes(self) -> int:
-        return len(self.centres)
+        return len(self.centres) * self.num_headings
 
     def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
         """One labelled view drawn with ``rng``."""
-        c = int(rng.integers(self.num_classes))
-        x, y, h = self.city.sample_query_pose(rng, self.centres[c], self.axes[c], self.halves[c])
+        label = int(rng.integers(self.num_classes))
+        c, heading = divmod(label, self.num_headings)
+        x, y, h = self.city.sample_query_pose(rng, self.centres[c], self.axes[c], self.halves[c], heading)
         img = self.city.render(x, y, h, size=self.size, rng=rng, query_like=True)
-        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), c
+        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = torch.utils.data.get_worker_info()
