@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONFIGS, REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from conftest import CONFIGS, REPO
 
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
 

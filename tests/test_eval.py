@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, compose_cfg
+
 from wakd.data.datasets import load_split
 from wakd.eval.recall import recall_at_n
 from wakd.jobs import evaluate

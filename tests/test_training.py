@@ -9,8 +9,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import REPO, TINY_TRAIN, compose_cfg
+
 from wakd.jobs import train
 from wakd.jobs.common import build_net
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 import hydra
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch import nn
 
 from wakd.cli import run_job
@@ -75,12 +75,7 @@ def export_descriptor_net(
 
 def run(cfg: DictConfig) -> Path:
     """The ``python -m wakd.export`` job: build the network from ``ckpt``, export, report."""
-    model_cfg = model_config_for(cfg, cfg.ckpt)
-    net_cfg = model_cfg.get("net", model_cfg)
-    if "weights" in net_cfg:
-        with open_dict(net_cfg):
-            net_cfg.weights = None  # the checkpoint holds every weight: skip initial weights
-    net = build_net(model_cfg, cfg.ckpt)
+    net = build_net(model_config_for(cfg, cfg.ckpt), cfg.ckpt)
     if cfg.pca:
         if not isinstance(net, PlaceNet):
             raise ValueError(f"pca={cfg.pca}: {type(net).__name__} has no NetVLAD to whiten")

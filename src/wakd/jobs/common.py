@@ -55,7 +55,9 @@ def checkpoint_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
 def build_net(model_cfg: DictConfig | dict, ckpt: str | None = None) -> torch.nn.Module:
     """Instantiate a descriptor network and load ``ckpt`` into it (any supported layout)."""
     net_cfg = model_cfg.get("net", model_cfg)
-    net = hydra.utils.instantiate(net_cfg)
+    overrides = {"weights": None} if ckpt and "weights" in net_cfg else {}
+    # With a checkpoint every weight is overwritten: never load ImageNet/pretraining files first.
+    net = hydra.utils.instantiate(net_cfg, **overrides)
     if ckpt:
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"checkpoint not found: {ckpt}")

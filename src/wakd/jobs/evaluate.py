@@ -26,6 +26,7 @@ from wakd.jobs.common import (
     model_config_for,
 )
 from wakd.losses import attention_map
+from wakd.models.inference import OnnxDescriptorNet
 from wakd.models.pca import PCAWhitening
 from wakd.models.place_net import PlaceNet
 
@@ -100,14 +101,25 @@ def save_pictures(
         plot_attention(out_dir / "attention.png", [_thumbnail(split.q_paths[q], thumb) for q in chosen], maps)
 
 
+def load_eval_net(cfg: DictConfig) -> torch.nn.Module:
+    """The network to evaluate: a checkpoint (any supported layout) or an exported ONNX model."""
+    if cfg.backend == "onnxruntime":
+        if not cfg.backend_model:
+            raise ValueError("backend=onnxruntime needs backend_model=PATH.onnx (python -m wakd.export ...)")
+        return OnnxDescriptorNet(cfg.backend_model)  # PCA, if any, was exported with it
+    if cfg.backend != "torch":
+        raise ValueError(f"backend={cfg.backend!r}: choose torch or onnxruntime")
+    return build_net(model_config_for(cfg, cfg.ckpt), cfg.ckpt)
+
+
 def run(cfg: DictConfig) -> dict[int, float]:
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # an untrained network is reproducible per seed
     split = load_dataset_split(cfg.dataset, cfg.split)
-    net = build_net(model_config_for(cfg, cfg.ckpt), cfg.ckpt)
-    if isinstance(net, PlaceNet) and cfg.ckpt is None and hasattr(net, "pool"):
+    net = load_eval_net(cfg)
+    if isinstance(net, PlaceNet) and cfg.ckpt is None:
         # An untrained NetVLAD still needs its centroids: use the clustered ones when present.
         centroids = Path(cfg.paths.cluster_dir) / f"{cfg.model.name}_{cfg.dataset.name}_{net.pool.num_clusters}_desc_cen.hdf5"
         if centroids.is_file():
