@@ -25,17 +25,18 @@ def compute_centroids(
     seed: int = 0,
     batch_size: int = 16,
     num_workers: int = 2,
+    skip_corrupt: bool = False,
 ) -> Path:
     """500 random training images (queries + database) -> 100 dense features each -> k-means."""
     split = load_dataset_split(dataset, "train")
     paths = [*split.q_paths, *split.db_paths]
     chosen = np.random.default_rng(seed).choice(len(paths), size=min(num_images, len(paths)), replace=False)
     transform = build_transform(tuple(dataset.image_size), train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    images = Subset(ImageListDataset(paths, transform), sorted(chosen.tolist()))
+    images = Subset(ImageListDataset(paths, transform, skip_corrupt=skip_corrupt), sorted(chosen.tolist()))
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     with torch.no_grad():
         features = sample_local_features(
-            net.backbone, (batch[0] for batch in loader), per_image=features_per_image, seed=seed
+            net.backbone, (images[valid] for images, _, valid in loader), per_image=features_per_image, seed=seed
         )
     centroids = kmeans_centroids(features, net.pool.num_clusters, seed=seed)
     out_path = Path(out_path)

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wakd.data.datasets import PlaceSplit, load_split
-from wakd.models.checkpoints import load_place_net_weights
+from wakd.models.checkpoints import load_place_net_weights, load_torch_file
 
 
 def ensure_dataset(dataset: DictConfig) -> None:
@@ -46,7 +46,9 @@ def file_digest(path: str | os.PathLike, length: int = 16) -> str:
 
 def checkpoint_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The model config a wakd checkpoint was trained with (None for foreign checkpoints)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if Path(path).suffix == ".safetensors":  # tensors only: no place for a model config
+        return None
+    state = load_torch_file(path)  # refuses pickled code (ValueError) instead of running it
     if isinstance(state, dict) and isinstance(state.get("wakd"), dict):
         return state["wakd"].get("model") or None
     return None

@@ -62,7 +62,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if not centroids.is_file():
             compute_centroids(net, cfg.dataset, centroids, num_images=cfg.cluster.num_images,
                               features_per_image=cfg.cluster.features_per_image, seed=cfg.seed,
-                              num_workers=cfg.datamodule.num_workers)
+                              num_workers=cfg.datamodule.num_workers,
+                              skip_corrupt=cfg.datamodule.skip_corrupt)
         net.pool.init_from_hdf5(centroids)
     teacher, teacher_info = build_teacher(cfg)
 

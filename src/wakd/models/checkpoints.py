@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,6 +55,31 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
             os.remove(tmp)
 
 
+def load_torch_file(path: str | os.PathLike) -> object:
+    """``torch.load(path, weights_only=True)``: pickled code is refused (ValueError), never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refusing to load, the file contains pickled objects other than "
+            f"tensors (weights_only=True); nothing in it was executed. Re-save it as a plain "
+            f"state dict (torch.save(model.state_dict(), f)) or as .safetensors. "
+            f"Detail: {_unpickling_detail(err)}"
+        ) from None
+
+
+def _unpickling_detail(err: Exception) -> str:
+    """The one informative sentence of torch's long weights_only error (never its 'load anyway' advice)."""
+    match = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(\s|$)", str(err))
+    if match:
+        return match.group(1)
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
+
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Tensors of a weight file: the ``state_dict`` entry when present, ``module.`` stripped."""
     path = Path(path)
@@ -62,14 +88,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if path.suffix == ".safetensors":
         content: object = load_file(str(path))
     else:
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path}: refusing to load, the file contains pickled objects other than "
-                f"tensors (weights_only=True). Re-save it as a plain state dict "
-                f"(torch.save(model.state_dict(), f)) or as .safetensors. Detail: {err}"
-            ) from None
+        content = load_torch_file(path)
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]
     if not isinstance(content, dict) or not all(isinstance(v, Tensor) for v in content.values()):

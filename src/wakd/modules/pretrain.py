@@ -51,7 +51,8 @@ class PlaceEmbedding(nn.Module):
 class CosineMarginHead(nn.Module):
     def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.25) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_classes, embed_dim) * 0.01)
+        # Unit-scale rows: Adam moves each weight by ~lr per step, so tiny rows would be thrashed.
+        self.weight = nn.Parameter(torch.randn(num_classes, embed_dim))
         self.scale, self.margin = scale, margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
