@@ -45,8 +45,8 @@ STUDENT = [
 class Budget:
     """Steps per stage; `--quick` shrinks them for a smoke run."""
 
-    teacher_pretrain_steps: int = 500
-    student_pretrain_steps: int = 300
+    teacher_pretrain_steps: int = 300
+    student_pretrain_steps: int = 150
     netvlad_passes: int = 2
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of every stage")
     args = parser.parse_args(argv)
-    budget = Budget(40, 40, 1) if args.quick else Budget()
+    budget = Budget(20, 20, 1) if args.quick else Budget()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"

@@ -22,12 +22,13 @@ class RenderedPlacesDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 2,
         seed: int = 0,
+        views: int = 1,
     ) -> None:
         super().__init__()
         self.root = root
         self.image_size = tuple(image_size)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.places = RenderedPlaces(root, split="train", size=self.image_size, cell_size=cell_size, seed=seed)
+        self.places = RenderedPlaces(root, split="train", size=self.image_size, cell_size=cell_size, seed=seed, views=views)
         self.val_split: PlaceSplit | None = None
 
     @property

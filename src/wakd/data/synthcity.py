@@ -458,9 +458,11 @@ class RenderedPlaces(torch.utils.data.IterableDataset):
         size: tuple[int, int] | None = None,
         cell_size: float = 10.0,
         seed: int = 0,
+        views: int = 1,
     ) -> None:
         super().__init__()
         self.city = city_or_root if isinstance(city_or_root, City) else city_from_root(city_or_root)
+        self.views = views  # > 1: several fresh views of one place per sample, [views, 3, H, W]
         self.size = tuple(size) if size is not None else self.city.config.image_size
         self.centres, self.axes, self.halves = self.city.cells(split, cell_size)
         self.num_headings = len(self.city.view_headings(0.0))
@@ -472,12 +474,15 @@ class RenderedPlaces(torch.utils.data.IterableDataset):
         return len(self.centres) * self.num_headings
 
     def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-        """One labelled view drawn with ``rng``."""
+        """One labelled view (or ``views`` views of one place) drawn with ``rng``."""
         label = int(rng.integers(self.num_classes))
         c, heading = divmod(label, self.num_headings)
-        x, y, h = self.city.sample_query_pose(rng, self.centres[c], self.axes[c], self.halves[c], heading)
-        img = self.city.render(x, y, h, size=self.size, rng=rng, query_like=True)
-        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), label
+        images = []
+        for _ in range(self.views):
+            x, y, h = self.city.sample_query_pose(rng, self.centres[c], self.axes[c], self.halves[c], heading)
+            img = self.city.render(x, y, h, size=self.size, rng=rng, query_like=True)
+            images.append(torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0))
+        return (images[0] if self.views == 1 else torch.stack(images)), label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = torch.utils.data.get_worker_info()

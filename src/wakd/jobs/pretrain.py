@@ -1,4 +1,4 @@
-"""train.py experiment=pretrain_places: place-classification pretraining of a backbone."""
+"""train.py experiment=pretrain_places: place pretraining of a backbone on rendered views."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from wakd.data.rendered_datamodule import RenderedPlacesDataModule
 from wakd.jobs.common import build_net, ensure_dataset
 from wakd.jobs.train import check_writable, instantiate_group
-from wakd.modules.pretrain import PlaceClassificationModule
+from wakd.modules.pretrain import PlacePretrainModule
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -28,10 +28,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = RenderedPlacesDataModule(
         cfg.dataset.root, cfg.dataset.image_size, cell_size=p.cell_size,
         batch_size=p.batch_size, num_workers=p.num_workers, seed=cfg.seed,
+        views=2 if p.objective == "contrastive" else 1,
     )
     backbone = build_net(cfg.model).backbone
-    module = PlaceClassificationModule(
-        backbone, backbone.out_channels, datamodule.num_classes, embed_dim=p.embed_dim,
+    module = PlacePretrainModule(
+        backbone, backbone.out_channels, datamodule.num_classes, objective=p.objective,
+        temperature=p.temperature, embed_dim=p.embed_dim,
         scale=p.scale, margin=p.margin, lr=p.lr, head_lr=p.head_lr, eval_ns=cfg.eval_ns,
     )
     trainer: L.Trainer = hydra.utils.instantiate(

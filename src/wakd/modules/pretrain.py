@@ -1,9 +1,14 @@
-"""Place-classification pretraining: a stand-in for ImageNet weights (CosPlace-style).
+"""Place pretraining on freshly rendered views: a stand-in for ImageNet weights.
 
-The training streets are cut into cells (classes); every batch is freshly rendered
-views of those places, so the backbone sees unlimited correctly labelled data.
-backbone -> GeM -> FC -> L2 -> cosine classifier with a large margin (CosFace):
-logits = s * (cos(theta_y) - m) for the true class, s * cos(theta_j) otherwise.
+The training streets are cut into cells; a place (label) is one cell seen in one
+database heading. Every batch is freshly rendered views of those places, so the
+backbone sees unlimited correctly labelled data. backbone -> GeM -> FC -> L2, then
+one of two objectives:
+- ``contrastive`` (default): two views per place, symmetric InfoNCE over the batch
+  (other views of the same place count as positives). The calibration in
+  bench/RESULTS.md found it learns far faster from scratch than classification;
+- ``cosface``: a cosine classifier with a large margin (CosPlace):
+  logits = s * (cos(theta_y) - m) for the true place, s * cos(theta_j) otherwise.
 The backbone is stored as ``net.backbone.*`` so ``model.weights=<this .ckpt>`` loads it.
 """
 
@@ -61,13 +66,24 @@ class CosineMarginHead(nn.Module):
         return self.scale * (cosine - margin)
 
 
-class PlaceClassificationModule(L.LightningModule):
+def multi_positive_info_nce(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between views ``a`` and ``b`` ([B, E], L2-normalised) of places
+    ``labels`` [B]; a row's target spreads evenly over all views of its place."""
+    logits = a @ b.T / temperature  # [B, B]
+    same = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    target = same / same.sum(1, keepdim=True)
+    return -(target * (F.log_softmax(logits, 1) + F.log_softmax(logits.T, 1))).sum(1).mean() / 2
+
+
+class PlacePretrainModule(L.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
         out_channels: int,
         num_classes: int,
         *,
+        objective: str = "contrastive",
+        temperature: float = 0.1,
         embed_dim: int = 256,
         scale: float = 30.0,
         margin: float = 0.25,
@@ -76,25 +92,33 @@ class PlaceClassificationModule(L.LightningModule):
         eval_ns: Sequence[int] = (1, 5, 10),
     ) -> None:
         super().__init__()
+        if objective not in ("contrastive", "cosface"):
+            raise ValueError(f"pretrain.objective={objective!r}: choose contrastive or cosface")
+        self.objective, self.temperature = objective, temperature
         self.net = PlaceEmbedding(backbone, out_channels, embed_dim)  # keys net.backbone.*
-        self.head = CosineMarginHead(embed_dim, num_classes, scale, margin)
+        self.head = CosineMarginHead(embed_dim, num_classes, scale, margin) if objective == "cosface" else None
         self.lr, self.head_lr = lr, head_lr
         self.eval_ns = tuple(eval_ns)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch  # [B, 3, H, W] in [0, 1], [B]
-        embeddings = self.net((images - self.mean) / self.std)
-        logits = self.head(embeddings, labels)
-        loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(1) == labels).float().mean()
+        images, labels = batch  # [B, 3, H, W] (cosface) or [B, 2, 3, H, W] (contrastive), in [0, 1]
+        if self.head is not None:
+            embeddings = self.net((images - self.mean) / self.std)
+            logits = self.head(embeddings, labels)
+            loss = F.cross_entropy(logits, labels)
+            self.log("train/accuracy", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
+        else:
+            b = images.shape[0]
+            embeddings = self.net((images.flatten(0, 1) - self.mean) / self.std).view(b, 2, -1)
+            loss = multi_positive_info_nce(embeddings[:, 0], embeddings[:, 1], labels, self.temperature)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", accuracy, prog_bar=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        head_params = [*self.head.parameters(), *self.net.fc.parameters(), *self.net.pool.parameters()]
+        head = [*self.head.parameters()] if self.head is not None else []
+        head_params = [*head, *self.net.fc.parameters(), *self.net.pool.parameters()]
         return torch.optim.Adam(
             [
                 {"params": [p for p in self.net.backbone.parameters() if p.requires_grad], "lr": self.lr},
