@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -33,6 +35,15 @@ TINY_TRAIN = [
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
 ]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models: a second intra-op thread mostly waits for a busy core (opt in per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,7 @@ from safetensors.torch import save_file
 
 from wakd.models import build_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine: threading costs more than it gains.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,13 @@ import torch
 from conftest import CONFIGS
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from test_inference import one_thread, randomise_batchnorm  # noqa: F401 (autouse fixture)
+from test_inference import randomise_batchnorm
 
 from wakd.export import SUFFIXES, run
 from wakd.models import PCAWhitening, PlaceNet, build_place_net
 from wakd.models.inference import OnnxDescriptorNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGE_SIZE = (64, 86)  # the tiny city's images
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import compose_cfg
+
 from wakd.data.rendered_datamodule import RenderedPlacesDataModule
 from wakd.eval.evaluate import evaluate_split
 from wakd.jobs import pretrain

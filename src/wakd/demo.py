@@ -45,12 +45,17 @@ STUDENT = [
 class Budget:
     """Steps per stage; `--quick` shrinks them for a smoke run."""
 
-    teacher_pretrain_steps: int = 300
-    student_pretrain_steps: int = 150
-    netvlad_passes: int = 2
+    teacher_pretrain_steps: int = 200
+    student_pretrain_steps: int = 100
+    netvlad_passes: int = 1
 
 
-def _run(title: str, args: list[str], log: Path) -> None:
+def _run(title: str, args: list[str], log: Path, done: Path | None = None) -> None:
+    """Run one stage; with ``done``, a stage that finished before is skipped (rerunning
+    `make demo` after an interruption resumes at the first unfinished stage)."""
+    if done is not None and done.is_file():
+        print(f"\n=== {title}: done before, skipped ({done.parent})", flush=True)
+        return
     cmd = [sys.executable, *args]
     print(f"\n=== {title}\n$ {shlex.join(['python', *args])}", flush=True)
     start = time.perf_counter()
@@ -61,6 +66,8 @@ def _run(title: str, args: list[str], log: Path) -> None:
         result = subprocess.run(cmd, cwd=REPO, stdout=out, text=True)
     if result.returncode != 0:
         raise SystemExit(f"stage '{title}' failed (exit {result.returncode}); see {log}")
+    if done is not None:
+        done.touch()
     print(f"--- {title}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
 
     def train(name: str, model: list[str], extra: list[str]) -> Path:
-        _run(name, ["train.py", *model, *common, *extra, f"hydra.run.dir={out / name}"], log)
+        _run(name, ["train.py", *model, *common, *extra, f"hydra.run.dir={out / name}"], log, out / name / ".done")
         return out / name / "checkpoints"
 
     _run("generate the demo city", ["-m", "wakd.data.synthcity", "--out", args.data_dir,

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from wakd.eval.evaluate import evaluate_split
 from wakd.losses import distill_loss, hard_loss, hardest_regions, sfrs_soft_loss
 from wakd.models.place_net import PlaceNet
 
@@ -222,8 +223,6 @@ class PlaceModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         last_round = self.current_epoch + 1 >= self.trainer.max_epochs
         if (self.current_epoch + 1) % self.val_every_n_rounds == 0 or last_round or not self._last_val:
-            from wakd.eval.evaluate import evaluate_split
-
             result = evaluate_split(
                 self.net,
                 datamodule.val_split,

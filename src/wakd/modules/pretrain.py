@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD
+from wakd.eval.evaluate import evaluate_split
 
 
 class GeM(nn.Module):
@@ -117,22 +118,16 @@ class PlacePretrainModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        head = [*self.head.parameters()] if self.head is not None else []
-        head_params = [*head, *self.net.fc.parameters(), *self.net.pool.parameters()]
-        return torch.optim.Adam(
-            [
-                {"params": [p for p in self.net.backbone.parameters() if p.requires_grad], "lr": self.lr},
-                {"params": head_params, "lr": self.head_lr},  # a fresh head learns faster than the body
-            ]
-        )
+        groups = [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": self.lr}]
+        if self.head is not None:  # a fresh classifier of thousands of places learns faster than the body
+            groups.append({"params": list(self.head.parameters()), "lr": self.head_lr})
+        return torch.optim.Adam(groups)
 
     def on_train_epoch_end(self) -> None:
         """Recall@N of the GeM embedding on the validation split of the city."""
         datamodule = self.trainer.datamodule
         if datamodule is None or datamodule.val_split is None:
             return
-        from wakd.eval.evaluate import evaluate_split
-
         result = evaluate_split(
             self.net, datamodule.val_split, datamodule.val_images(), ns=self.eval_ns,
             batch_size=64, num_workers=0, device=self.device, progress=False,
