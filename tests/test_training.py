@@ -100,7 +100,8 @@ def test_multirun_sweep_gives_one_run_per_combination(tiny_data_dir: Path, tmp_p
     sweep = tmp_path / "sweep"
     cmd = [
         sys.executable, str(REPO / "train.py"), "-m",
-        *TINY_TRAIN, "logger=none", "callbacks=none", "trainer.enable_checkpointing=false",
+        *(o for o in TINY_TRAIN if not o.startswith("callbacks.")),
+        "logger=none", "callbacks=none", "trainer.enable_checkpointing=false",
         f"paths.data_dir={tiny_data_dir}", f"paths.log_dir={tmp_path / 'logs'}",
         f"hydra.sweep.dir={sweep}", "trainer.limit_train_batches=1",
         "datamodule.neg_num=2,3",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -45,8 +46,7 @@ def compute_centroids(
 
 
 def run(cfg: DictConfig) -> Path:
-    import hydra
-
+    torch.manual_seed(cfg.seed)  # a randomly initialised backbone is reproducible too
     net = hydra.utils.instantiate(cfg.model.net)
     path = compute_centroids(
         net,

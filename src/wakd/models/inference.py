@@ -148,6 +148,8 @@ def optimize_for_inference(
     """
     if backend not in ("auto", "onnxruntime", "torch"):
         raise ValueError(f"backend={backend!r}: choose 'auto', 'onnxruntime' or 'torch'")
+    if isinstance(net, OnnxDescriptorNet):  # already on the fast path
+        return net
     eager = copy.deepcopy(net).eval().requires_grad_(False)
     device = next(iter(eager.parameters()), torch.empty(0)).device
     example = (torch.randn(1, 3, 224, 224) if example is None else example).to(device)

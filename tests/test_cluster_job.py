@@ -1,0 +1,35 @@
+"""cluster.py on the tiny synthetic city: file layout, shapes, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+from conftest import compose_cfg
+
+from wakd.jobs import cluster
+
+OVERRIDES = [
+    "dataset=synthcity",
+    "dataset.image_size=[64,86]",
+    "dataset.generate.preset=tiny",
+    "model=resnet18",
+    "model.net.num_clusters=8",
+    "cluster.num_images=12",
+    "cluster.features_per_image=10",
+]
+
+
+def test_cluster_writes_deterministic_centroid_file(tiny_data_dir: Path, tmp_path: Path) -> None:
+    files = []
+    for run in ("a", "b"):
+        cfg = compose_cfg("cluster", [*OVERRIDES, f"paths.cluster_dir={tmp_path / run}"], tiny_data_dir, tmp_path / run)
+        files.append(cluster.run(cfg))
+    assert files[0].name == "resnet18_synthcity_8_desc_cen.hdf5"
+    with h5py.File(files[0]) as a, h5py.File(files[1]) as b:
+        assert a["centroids"].shape == (8, 256)
+        assert a["descriptors"].shape == (12 * 10, 256)  # dense local features, not pooled outputs
+        np.testing.assert_allclose(np.linalg.norm(a["descriptors"][:], axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_array_equal(a["centroids"][:], b["centroids"][:])
+    assert not list(tmp_path.glob("**/*.tmp"))
