@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	bench/run_all
+	$(PY) bench/accuracy
 
 clean:
 	rm -rf logs demo_out .pytest_cache
