@@ -24,22 +24,29 @@ from wakd.eval.extract import extract_descriptors, split_descriptors
 
 
 class TupleDataset(Dataset):
-    """Images of mined tuples: ``[1 + pos_num + neg_num, 3, H, W]`` per item."""
+    """Mined tuples: images ``[T, 3, H, W]`` and their global image ids ``[T]`` per item.
+
+    T = 1 + pos_num + neg_num (anchor query, positives, negatives). A global id indexes
+    the split's queries followed by its database images, the order of :func:`split_images`
+    (and so of the mining descriptors and the teacher cache): query q is q, database
+    image j is ``num_queries + j``.
+    """
 
     def __init__(self, split: PlaceSplit, tuples: Sequence[Tuple], transform: Any, skip_corrupt: bool) -> None:
         self.tuples = list(tuples)
+        self.num_queries = split.num_queries
         self.queries = ImageListDataset(split.q_paths, transform, skip_corrupt=skip_corrupt)
         self.database = ImageListDataset(split.db_paths, transform, skip_corrupt=skip_corrupt)
 
     def __len__(self) -> int:
         return len(self.tuples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.tuples[i]
-        images = [self.queries[t.query][0]]
-        images += [self.database[int(j)][0] for j in t.positives]
-        images += [self.database[int(j)][0] for j in t.negatives]
-        return torch.stack(images), t.query
+        db = np.concatenate([t.positives, t.negatives]).astype(np.int64)
+        images = [self.queries[t.query][0]] + [self.database[int(j)][0] for j in db]
+        ids = torch.from_numpy(np.concatenate([[t.query], db + self.num_queries]).astype(np.int64))
+        return torch.stack(images), ids
 
 
 def split_images(split: PlaceSplit, transform: Any, skip_corrupt: bool = False) -> Dataset:
@@ -68,11 +75,20 @@ class TupleDataModule(L.LightningDataModule):
         augment: bool = True,
         skip_corrupt: bool = False,
         seed: int = 0,
+        rerank_positives: bool = True,
+        rerank_k1: int = 20,
+        rerank_k2: int = 6,
+        rerank_lambda: float = 0.3,
+        rerank_select: str = "top",
     ) -> None:
         super().__init__()
         self.dataset_cfg = dict(dataset)
         self.image_size = tuple(image_size)
-        self.miner_args = dict(pos_num=pos_num, neg_num=neg_num, pos_pool=pos_pool, neg_pool=neg_pool)
+        self.miner_args = dict(
+            pos_num=pos_num, neg_num=neg_num, pos_pool=pos_pool, neg_pool=neg_pool,
+            rerank_k1=rerank_k1, rerank_k2=rerank_k2, rerank_lambda=rerank_lambda, rerank_select=rerank_select,
+        )
+        self.rerank_positives = rerank_positives
         self.cache_size = cache_size
         self.tuples_per_batch = tuples_per_batch
         self.num_workers = num_workers
@@ -112,13 +128,18 @@ class TupleDataModule(L.LightningDataModule):
         order = np.random.default_rng([self.seed, pass_index]).permutation(self.miner.queries)
         return order[within * self.cache_size : (within + 1) * self.cache_size]
 
-    def mine_round(self, net: torch.nn.Module, round_index: int, device: torch.device) -> list[Tuple]:
-        """Describe every training image with ``net`` and mine this round's tuples."""
+    def mine_round(
+        self, net: torch.nn.Module, round_index: int, device: torch.device, rerank: bool = False
+    ) -> list[Tuple]:
+        """Describe every training image with ``net`` and mine this round's tuples.
+
+        ``rerank``: choose positives by k-reciprocal re-ranking (SFRS, generations >= 1).
+        """
         assert self.train_split is not None and self.miner is not None
         split = self.train_split
         extraction = extract_descriptors(
             net,
-            split_images(split, self.eval_transform, self.skip_corrupt),
+            self.train_images(),
             batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             device=device,
@@ -126,7 +147,7 @@ class TupleDataModule(L.LightningDataModule):
         )
         q_desc, db_desc = split_descriptors(extraction, [split.num_queries, split.num_db])
         rng = np.random.default_rng([self.seed, 1_000_003, round_index])
-        return self.miner.mine(self.round_queries(round_index), q_desc, db_desc, rng)
+        return self.miner.mine(self.round_queries(round_index), q_desc, db_desc, rng, rerank=rerank, device=device)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -138,7 +159,8 @@ class TupleDataModule(L.LightningDataModule):
         round_index = trainer.fit_loop.epoch_progress.current.processed
         if self._round is None or self._round[0] != round_index:
             module.start_round(round_index)  # switches generation (and the model) before mining
-            self._round = (round_index, self.mine_round(module.net, round_index, module.device))
+            rerank = self.rerank_positives and getattr(module, "generation", 0) >= 1
+            self._round = (round_index, self.mine_round(module.net, round_index, module.device, rerank=rerank))
         # Same seed per round: a resumed run draws the same augmentations. No shuffling here:
         # the round's queries are already a seeded permutation, and a sampler of our own would
         # be replaced by Lightning on resume (and under DDP) with a differently seeded one.
@@ -151,6 +173,11 @@ class TupleDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=module.device.type == "cuda",
         )
+
+    def train_images(self) -> Dataset:
+        """Training queries then database images, un-augmented (the teacher cache's view)."""
+        assert self.train_split is not None
+        return split_images(self.train_split, self.eval_transform, self.skip_corrupt)
 
     def val_images(self) -> Dataset:
         assert self.val_split is not None

@@ -4,6 +4,10 @@ Only GPS is known, so a training tuple is built in descriptor space: the anchor 
 its ``pos_num`` nearest positives (within 10 m; the first one feeds the hard loss) and
 its ``neg_num`` hardest negatives (beyond 25 m) drawn from ``neg_pool`` random
 candidates plus the negatives this query had last time.
+
+With ``rerank=True`` (SFRS, from generation 1) the ``pos_pool`` nearest positives are
+re-ranked by the k-reciprocal distance (:mod:`wakd.data.rerank`) over all training
+queries and database images before the ``pos_num`` are taken.
 """
 
 from __future__ import annotations
@@ -14,13 +18,39 @@ import numpy as np
 import torch
 
 from wakd.data.datasets import PlaceSplit
+from wakd.data.rerank import k_reciprocal_distances
+
+POSITIVE_SELECTIONS = ("top", "gain")
 
 
 @dataclass(frozen=True)
 class Tuple:
     query: int  # query index in the split
-    positives: np.ndarray  # [pos_num] db indices, nearest in descriptor space first
+    positives: np.ndarray  # [pos_num] db indices, nearest (or best re-ranked) first; [0] feeds the hard loss
     negatives: np.ndarray  # [neg_num] db indices, hardest first
+
+
+def select_positives(pool: np.ndarray, reranked: np.ndarray | None, pos_num: int, rule: str = "top") -> np.ndarray:
+    """``pos_num`` positives of ``pool`` (ordered by the original distance, nearest first).
+
+    Without re-ranked distances: the first ``pos_num``. With them, ``rule``:
+    - ``top``: the ``pos_num`` nearest by the re-ranked distance;
+    - ``gain``: OpenIBL's SFRS sampler: the positives that rose in rank under re-ranking,
+      the largest rise first, then those whose rank did not change (in re-ranked order);
+      positives that fell are never taken (so there may be fewer than ``pos_num``).
+    """
+    if reranked is None:
+        return pool[:pos_num]
+    order = np.argsort(reranked, kind="stable")  # position p in re-ranked order -> original rank
+    if rule == "top":
+        return pool[order[:pos_num]]
+    if rule != "gain":
+        raise ValueError(f"unknown positive selection {rule!r}; expected one of {POSITIVE_SELECTIONS}")
+    gap = np.arange(len(order)) - order  # < 0: rose
+    rose = np.flatnonzero(gap < 0)
+    rose = rose[np.argsort(gap[rose], kind="stable")]
+    keep = np.concatenate([rose, np.flatnonzero(gap == 0)])[:pos_num]
+    return pool[order[keep]]
 
 
 class TupleMiner:
@@ -33,12 +63,20 @@ class TupleMiner:
         neg_num: int = 3,
         pos_pool: int = 20,
         neg_pool: int = 1000,
+        rerank_k1: int = 20,
+        rerank_k2: int = 6,
+        rerank_lambda: float = 0.3,
+        rerank_select: str = "top",
     ) -> None:
         if pos_num < 1 or neg_num < 1:
             raise ValueError(f"pos_num and neg_num must be >= 1 (got {pos_num}, {neg_num})")
+        if rerank_select not in POSITIVE_SELECTIONS:
+            raise ValueError(f"rerank_select must be one of {POSITIVE_SELECTIONS}, got {rerank_select!r}")
         self.split = split
         self.pos_num, self.neg_num = pos_num, neg_num
         self.pos_pool, self.neg_pool = max(pos_pool, pos_num), neg_pool
+        self.rerank_args = dict(k1=rerank_k1, k2=rerank_k2, lambda_value=rerank_lambda)
+        self.rerank_select = rerank_select
         self.queries = split.queries_with_train_positive()  # queries without a 10 m positive are dropped
         self.positives = split.train_positives()
         self.non_negatives = split.non_negatives()
@@ -50,18 +88,35 @@ class TupleMiner:
         q_desc: np.ndarray,
         db_desc: np.ndarray,
         rng: np.random.Generator,
+        rerank: bool = False,
+        device: torch.device | str = "cpu",
     ) -> list[Tuple]:
-        """Build one tuple per query from current descriptors (``[M, D]``, ``[N, D]``)."""
+        """Build one tuple per query from current descriptors (``[M, D]``, ``[N, D]``).
+
+        ``rerank``: choose positives by the k-reciprocal distance (computed on ``device``).
+        """
         q_all = torch.from_numpy(q_desc)
         db_all = torch.from_numpy(db_desc)
-        tuples = []
+        query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
+        # Positive pools: the pos_pool nearest positives (within 10 m) in descriptor space.
+        pools = []
         for q in query_ids:
+            candidates = self.positives[int(q)]
+            pos_dist = _sq_dist(q_all[int(q)].float(), db_all[candidates])
+            pools.append(candidates[np.argsort(pos_dist, kind="stable")][: self.pos_pool])
+        reranked: list[np.ndarray | None] = [None] * len(pools)
+        if rerank and len(pools):
+            sizes = [len(p) for p in pools]
+            a = np.repeat(query_ids, sizes)
+            b = np.concatenate(pools) + len(q_desc)  # database rows follow the queries
+            final, _ = k_reciprocal_distances(np.concatenate([q_desc, db_desc]), a, b, device=device,
+                                              **self.rerank_args)
+            reranked = np.split(final, np.cumsum(sizes)[:-1])
+        tuples = []
+        for q, pos_pool, pos_reranked in zip(query_ids, pools, reranked, strict=True):
             q = int(q)
             anchor = q_all[q].float()  # [D]
-            # Positives: the pos_pool geographically nearest, re-ordered by descriptor distance.
-            pos_pool = self.positives[q][: self.pos_pool]
-            pos_dist = _sq_dist(anchor, db_all[pos_pool])
-            positives = pos_pool[np.argsort(pos_dist, kind="stable")][: self.pos_num]
+            positives = select_positives(pos_pool, pos_reranked, self.pos_num, self.rerank_select)
             if len(positives) < self.pos_num:  # few positives: repeat the nearest ones
                 positives = np.resize(positives, self.pos_num)
             # Negatives: random candidates + last time's hardest, minus anything within 25 m.

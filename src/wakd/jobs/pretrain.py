@@ -34,7 +34,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module = PlacePretrainModule(
         backbone, backbone.out_channels, datamodule.num_classes, objective=p.objective,
         temperature=p.temperature, embed_dim=p.embed_dim,
-        scale=p.scale, margin=p.margin, lr=p.lr, head_lr=p.head_lr, eval_ns=cfg.eval_ns,
+        scale=p.scale, margin=p.margin, lr=p.lr, head_lr=p.head_lr,
+        schedule=p.schedule, warmup_steps=p.warmup_steps, total_steps=p.steps, eval_ns=cfg.eval_ns,
     )
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,

@@ -6,6 +6,7 @@ from wakd.losses.distill import (
     distill_loss,
     intra_normalised_vlad,
     row_normalised_gram,
+    teacher_targets,
     vlad_gram_loss,
 )
 from wakd.losses.hard import (
@@ -31,6 +32,7 @@ __all__ = [
     "sare_ind_loss",
     "sare_joint_loss",
     "sfrs_soft_loss",
+    "teacher_targets",
     "triplet_loss",
     "vlad_gram_loss",
 ]

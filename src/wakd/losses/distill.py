@@ -8,6 +8,9 @@ with x the flattened per-image vectors, then each *row of G* L2-normalised.
 Teacher inputs may be live outputs or cached ones: a VLAD as [N, K, D] or
 already intra-normalised and flattened [N, K*D]; attention either as feature
 maps [N, C, H, W] or precomputed maps [N, H*W] from :func:`attention_map`.
+:func:`teacher_targets` turns a teacher's outputs into the precomputed form; the
+training step uses it for the live teacher and the teacher cache stores its
+output (in fp16), so both paths feed ``distill_loss`` the same targets.
 Teacher inputs are treated as fixed targets (detached).
 """
 
@@ -23,6 +26,7 @@ __all__ = [
     "distill_loss",
     "intra_normalised_vlad",
     "row_normalised_gram",
+    "teacher_targets",
     "vlad_gram_loss",
 ]
 
@@ -78,6 +82,16 @@ def _as_attention(x: Tensor) -> Tensor:
     if x.dim() == 2:
         return x
     raise ValueError(f"expected features [N, C, H, W] or attention [N, H*W], got {tuple(x.shape)}")
+
+
+@torch.no_grad()
+def teacher_targets(vlad: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+    """Everything the distillation needs from the teacher, per image.
+
+    vlad [N, K, D], features [N, C, h, w] -> (intra-normalised VLAD [N, K*D], attention
+    map [N, h*w]); both in [-1, 1] (the maps in [0, 1]), so fp16 storage loses ~1e-3.
+    """
+    return intra_normalised_vlad(vlad), attention_map(features)
 
 
 def attention_gram_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:

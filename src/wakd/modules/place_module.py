@@ -6,6 +6,8 @@ L = L_hard + w_soft * L_soft + w_distill * (MSE_vlad + MSE_att) (DESIGN.md secti
 The frozen teacher and the previous generation's model are deliberately *not*
 registered submodules: DDP never wraps them, the optimizer never sees them and the
 student's checkpoint stores only the student (plus the teacher's path and hash).
+With ``teacher_cache=True`` the teacher's targets of all training images are computed
+once at fit start (:mod:`wakd.modules.teacher_cache`) and looked up by image id.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from wakd.eval.evaluate import evaluate_split
-from wakd.losses import distill_loss, hard_loss, hardest_regions, sfrs_soft_loss
+from wakd.losses import distill_loss, hard_loss, hardest_regions, sfrs_soft_loss, teacher_targets
 from wakd.models.place_net import PlaceNet
+from wakd.modules.teacher_cache import TeacherCache, build_teacher_cache
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class PlaceModule(L.LightningModule):
         distill_weight: float = 100.0,
         distill_vlad: bool = True,
         distill_attention: bool = True,
+        teacher_cache: bool = False,
         pos_num: int = 3,
         eval_ns: Sequence[int] = (1, 5, 10),
         val_every_n_rounds: int = 1,
@@ -89,6 +94,8 @@ class PlaceModule(L.LightningModule):
         self.schedule = schedule or GenerationSchedule()
         self.distill_weight = distill_weight
         self.distill_vlad, self.distill_attention = distill_vlad, distill_attention
+        self.use_teacher_cache = teacher_cache and teacher is not None
+        self.teacher_cache: TeacherCache | None = None  # filled at fit start, never checkpointed
         self.pos_num = pos_num
         self.eval_ns = tuple(eval_ns)
         self.val_every_n_rounds = val_every_n_rounds
@@ -113,6 +120,8 @@ class PlaceModule(L.LightningModule):
         for frozen in (self.teacher, self.prev_net):
             if frozen is not None:
                 frozen.to(self.device)
+        if self.use_teacher_cache and self.distill_weight > 0:
+            self.fill_teacher_cache()
         if self.initial_state is None and self.schedule.count > 1:
             # Every generation restarts from the weights training started with.
             self.initial_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -126,6 +135,25 @@ class PlaceModule(L.LightningModule):
             if self.teacher is not None:
                 stats["params/teacher"] = sum(p.numel() for p in self.teacher.parameters())
             self.logger.log_hyperparams(stats)
+
+    def fill_teacher_cache(self) -> None:
+        """Teacher targets of every training image (queries, then database), once per fit."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "train_images"):
+            raise ValueError("teacher.cache=true needs a datamodule with train_images() (TupleDataModule)")
+        cache = build_teacher_cache(
+            self.teacher,
+            datamodule.train_images(),
+            datamodule.image_size,
+            batch_size=datamodule.eval_batch_size,
+            num_workers=datamodule.num_workers,
+            device=self.device,
+        )
+        self.teacher_cache = cache
+        rank_zero_info(
+            f"teacher cache: {len(cache)} images x {cache.table.shape[1]} fp16 values "
+            f"({cache.nbytes / 2**20:.1f} MiB)"
+        )
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -164,8 +192,22 @@ class PlaceModule(L.LightningModule):
             config.scheduler.last_epoch = 0
 
     # --------------------------------------------------------------- training
+    def distill_targets(self, images: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher VLAD [N, K*D] and attention [N, h*w] targets of flat images [N, 3, H, W].
+
+        From the cache when it is filled (rows ``image_ids``), else from the live teacher:
+        both through :func:`wakd.losses.teacher_targets`, so they differ by fp16 rounding only.
+        """
+        if self.teacher_cache is not None:
+            return self.teacher_cache.lookup(image_ids, self.device)
+        with torch.no_grad():
+            target = self.teacher.encode(images)
+        return teacher_targets(target.vlad, target.features)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, _ = batch  # [B, T, 3, H, W], T = 1 anchor + P positives + negatives
+        # images [B, T, 3, H, W], T = 1 anchor + P positives + negatives; image_ids [B, T] global
+        # ids of the training images (queries, then database: the order of the teacher cache)
+        images, image_ids = batch
         b, t = images.shape[:2]
         p = self.pos_num
         flat = images.flatten(0, 1)
@@ -197,14 +239,15 @@ class PlaceModule(L.LightningModule):
             self.log("train/loss_soft", loss_soft, batch_size=b)
 
         if self.teacher is not None and self.distill_weight > 0:
-            with torch.no_grad():
-                target = self.teacher.encode(flat)
+            if self.teacher_cache is not None and tuple(image_ids.shape) != (b, t):
+                raise ValueError(f"the teacher cache needs image ids [B, T] = [{b}, {t}], got {tuple(image_ids.shape)}")
+            target_vlad, target_attention = self.distill_targets(flat, image_ids)
             terms = [
                 distill_loss(
                     out.vlad[i * t : (i + 1) * t],
-                    target.vlad[i * t : (i + 1) * t],
+                    target_vlad[i * t : (i + 1) * t],
                     out.features[i * t : (i + 1) * t],
-                    target.features[i * t : (i + 1) * t],
+                    target_attention[i * t : (i + 1) * t],
                     use_vlad=self.distill_vlad,
                     use_attention=self.distill_attention,
                 )

@@ -14,6 +14,7 @@ The backbone is stored as ``net.backbone.*`` so ``model.weights=<this .ckpt>`` l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -90,11 +91,19 @@ class PlacePretrainModule(L.LightningModule):
         margin: float = 0.25,
         lr: float = 1e-3,
         head_lr: float = 1e-2,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
         eval_ns: Sequence[int] = (1, 5, 10),
     ) -> None:
         super().__init__()
         if objective not in ("contrastive", "cosface"):
             raise ValueError(f"pretrain.objective={objective!r}: choose contrastive or cosface")
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"pretrain.schedule={schedule!r}: choose constant or cosine")
+        if schedule == "cosine" and not total_steps:
+            raise ValueError("pretrain.schedule=cosine needs pretrain.steps > 0")
+        self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
         self.objective, self.temperature = objective, temperature
         self.net = PlaceEmbedding(backbone, out_channels, embed_dim)  # keys net.backbone.*
         self.head = CosineMarginHead(embed_dim, num_classes, scale, margin) if objective == "cosface" else None
@@ -117,11 +126,23 @@ class PlacePretrainModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base learning rates at optimizer step ``step``: linear warm-up,
+        then constant or a cosine decay to 0 at ``total_steps``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self) -> dict:
         groups = [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": self.lr}]
         if self.head is not None:  # a fresh classifier of thousands of places learns faster than the body
             groups.append({"params": list(self.head.parameters()), "lr": self.head_lr})
-        return torch.optim.Adam(groups)
+        optimizer = torch.optim.Adam(groups)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_epoch_end(self) -> None:
         """Recall@N of the GeM embedding on the validation split of the city."""
