@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wakd.data.rendered_datamodule import RenderedPlacesDataModule
 from wakd.jobs.common import build_net, ensure_dataset
-from wakd.jobs.train import check_writable, instantiate_group
+from wakd.jobs.train import build_teacher, check_writable, instantiate_group
 from wakd.modules.pretrain import PlacePretrainModule
 
 
@@ -31,11 +31,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         views=2 if p.objective == "contrastive" else 1,
     )
     backbone = build_net(cfg.model).backbone
+    teacher, _ = build_teacher(cfg)
+    if teacher is not None and p.objective != "contrastive":
+        raise ValueError("distillation during pretraining (teacher=<arch>) needs pretrain.objective=contrastive")
     module = PlacePretrainModule(
         backbone, backbone.out_channels, datamodule.num_classes, objective=p.objective,
         temperature=p.temperature, embed_dim=p.embed_dim,
         scale=p.scale, margin=p.margin, lr=p.lr, head_lr=p.head_lr,
-        schedule=p.schedule, warmup_steps=p.warmup_steps, total_steps=p.steps, eval_ns=cfg.eval_ns,
+        schedule=p.schedule, warmup_steps=p.warmup_steps, total_steps=p.steps,
+        teacher=teacher, distill_weight=cfg.distill.weight, distill_vlad=cfg.distill.vlad,
+        distill_attention=cfg.distill.attention, eval_ns=cfg.eval_ns,
     )
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,

@@ -10,6 +10,12 @@ one of two objectives:
 - ``cosface``: a cosine classifier with a large margin (CosPlace):
   logits = s * (cos(theta_y) - m) for the true place, s * cos(theta_j) otherwise.
 The backbone is stored as ``net.backbone.*`` so ``model.weights=<this .ckpt>`` loads it.
+
+With a frozen ``teacher`` (a trained PlaceNet), the WAKD distillation terms join the
+objective: the row-normalised Gram of the student's embeddings over the whole batch of
+views must match the Gram of the teacher's VLADs, and likewise for the attention maps
+(:func:`wakd.losses.distill_loss`, the same losses as NetVLAD training). A batch of 64
+views gives a 64 x 64 similarity structure to copy instead of a tuple's 7 x 7.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from torch import nn
 
 from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD
 from wakd.eval.evaluate import evaluate_split
+from wakd.losses import distill_loss, teacher_targets
+from wakd.models.place_net import PlaceNet
 
 
 class GeM(nn.Module):
@@ -51,8 +59,11 @@ class PlaceEmbedding(nn.Module):
     def descriptor_dim(self) -> int:
         return self.fc.out_features
 
+    def embed(self, features: torch.Tensor) -> torch.Tensor:  # [B, C, h, w] -> [B, E]
+        return F.normalize(self.fc(self.pool(features)), dim=-1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc(self.pool(self.backbone(images))), dim=-1)
+        return self.embed(self.backbone(images))
 
 
 class CosineMarginHead(nn.Module):
@@ -94,6 +105,10 @@ class PlacePretrainModule(L.LightningModule):
         schedule: str = "constant",
         warmup_steps: int = 0,
         total_steps: int | None = None,
+        teacher: PlaceNet | None = None,
+        distill_weight: float = 100.0,
+        distill_vlad: bool = True,
+        distill_attention: bool = True,
         eval_ns: Sequence[int] = (1, 5, 10),
     ) -> None:
         super().__init__()
@@ -109,22 +124,51 @@ class PlacePretrainModule(L.LightningModule):
         self.head = CosineMarginHead(embed_dim, num_classes, scale, margin) if objective == "cosface" else None
         self.lr, self.head_lr = lr, head_lr
         self.eval_ns = tuple(eval_ns)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        # Unregistered, as in PlaceModule: never trained, never in the checkpoint.
+        object.__setattr__(self, "teacher", teacher)
+        self.distill_weight, self.distill_vlad, self.distill_attention = distill_weight, distill_vlad, distill_attention
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch  # [B, 3, H, W] (cosface) or [B, 2, 3, H, W] (contrastive), in [0, 1]
-        if self.head is not None:
+        if self.head is not None:  # the teacher, if any, is only used with the contrastive objective
             embeddings = self.net((images - self.mean) / self.std)
             logits = self.head(embeddings, labels)
             loss = F.cross_entropy(logits, labels)
             self.log("train/accuracy", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
         else:
             b = images.shape[0]
-            embeddings = self.net((images.flatten(0, 1) - self.mean) / self.std).view(b, 2, -1)
-            loss = multi_positive_info_nce(embeddings[:, 0], embeddings[:, 1], labels, self.temperature)
+            flat = (images.flatten(0, 1) - self.mean) / self.std  # [2B, 3, H, W]
+            features = self.net.backbone(flat)
+            embeddings = self.net.embed(features)  # [2B, E]
+            pairs = embeddings.view(b, 2, -1)
+            loss = multi_positive_info_nce(pairs[:, 0], pairs[:, 1], labels, self.temperature)
+            if self.teacher is not None and self.distill_weight > 0:
+                loss = loss + self.distill_weight * self._distill(flat, embeddings, features)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _distill(self, images: torch.Tensor, embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.teacher.encode(images)
+            teacher_vlad, teacher_attention = teacher_targets(target.vlad, target.features)
+        terms = distill_loss(embeddings, teacher_vlad, features, teacher_attention,
+                             use_vlad=self.distill_vlad, use_attention=self.distill_attention)
+        self.log("train/loss_distill", terms["total"], prog_bar=True)
+        return terms["total"]
+
+    def train(self, mode: bool = True) -> PlacePretrainModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # Lightning's model.train() must not wake the teacher's BatchNorm
+        return self
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base learning rates at optimizer step ``step``: linear warm-up,
