@@ -149,7 +149,8 @@ Machine: {machine()}; {THREADS} threads; load average {load_start} at the start 
 cores are shared, so absolute speeds are noisy: the candidates run interleaved in one
 process and only ratios are meant to be compared). 480x640, batch {BATCH}, random
 weights, NetVLAD-64 from k-means of dense features. Default inference path =
-`optimize_for_inference` (BatchNorm folded, ONNX Runtime on the CPU); preparation took
+`optimize_for_inference` (BatchNorm folded, ONNX Runtime on the CPU, each thread describing
+its share of the batch); preparation took
 {prepare["student"]:.1f} s (student) and {prepare["teacher"]:.1f} s (teacher). Median of
 {args.rounds} rounds after a warm-up.
 

@@ -20,6 +20,7 @@ from wakd.data.images import (
     ImageListDataset,
     ImageLoadError,
     build_transform,
+    uint8_images,
 )
 from wakd.data.netvlad_mat import DbStruct, load_dbstruct, save_dbstruct
 
@@ -263,6 +264,68 @@ def test_transform_matches_manual_normalisation(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         gray[:, 0, 0].numpy(), (128 / 255 - np.array(IMAGENET_MEAN)) / IMAGENET_STD, atol=1e-5
     )
+
+
+def _noise_jpeg(path: Path, size=(80, 60), seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def _old_transform(image_size, train: bool):
+    """The transform before uint8 decoding: PIL steps, ToTensor, Normalize."""
+    from torchvision import transforms as T
+
+    steps = [T.Resize(image_size)] + ([T.ColorJitter(0.7, 0.7, 0.7, 0.5)] if train else [])
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_transform_equals_totensor_normalize(tmp_path: Path, train: bool) -> None:
+    image = Image.open(_noise_jpeg(tmp_path / "a.jpg")).convert("RGB")
+    new, old = build_transform((48, 64), train=train), _old_transform((48, 64), train)
+    for seed in range(3):  # the same colour jitter draws
+        torch.manual_seed(seed)
+        expected = old(image)
+        torch.manual_seed(seed)
+        got = new(image)
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    if not train:  # not RGB: converted as load_rgb would
+        gray = Image.new("L", (50, 40), 77)
+        torch.testing.assert_close(new(gray), old(gray.convert("RGB")), rtol=0, atol=1e-6)
+
+
+def test_uint8_images_normalise_to_the_same_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from torch.utils.data import ConcatDataset, Subset
+
+    paths = [_noise_jpeg(tmp_path / f"{i}.jpg", size=(96, 72), seed=i) for i in range(5)]
+    (tmp_path / "bad.jpg").write_bytes(_jpeg_bytes()[:2000])
+    tf = build_transform((48, 64), train=False)
+    queries = ImageListDataset(paths[:2], tf, skip_corrupt=True)
+    database = ImageListDataset([*paths[2:], tmp_path / "bad.jpg"], tf, skip_corrupt=True)
+    dataset = Subset(ConcatDataset([queries, database]), [0, 2, 3, 5, 1])
+    converted = uint8_images(dataset)
+    assert converted is not None
+    raw, normalize = converted
+    assert not queries.uint8 and not database.uint8  # the caller's datasets are untouched
+    with caplog.at_level(logging.WARNING, logger="wakd.data.images"):
+        items, raw_items = [dataset[i] for i in range(5)], [raw[i] for i in range(5)]
+    assert [r[1:] for r in raw_items] == [r[1:] for r in items]  # same indices and validity
+    assert all(r[0].dtype == torch.uint8 and r[0].shape == (3, 48, 64) for r in raw_items)
+    batch = normalize(torch.stack([r[0] for r in raw_items]))
+    valid = torch.tensor([r[2] for r in raw_items])
+    batch[~valid] = 0  # skipped images: zero, as the float path gives them
+    torch.testing.assert_close(batch, torch.stack([r[0] for r in items]), rtol=0, atol=1e-6)
+    # Other datasets, other transforms, mixed normalisations: no uint8 path.
+    other = ImageListDataset(paths, build_transform((48, 64), False, mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert uint8_images(ConcatDataset([queries, other])) is None
+    assert uint8_images(ImageListDataset(paths, lambda im: torch.zeros(3, 1, 1))) is None
+    assert uint8_images(torch.utils.data.TensorDataset(torch.zeros(2, 3, 4, 4))) is None
+    with pytest.raises(TypeError):
+        ImageListDataset(paths, lambda im: torch.zeros(3, 1, 1), uint8=True)
 
 
 def test_jpeg_decoded_at_reduced_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

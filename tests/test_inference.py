@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import ConcatDataset
 
-from wakd.eval.extract import extract_descriptors
+from wakd.data.images import ImageListDataset, build_transform
+from wakd.eval.extract import cpu_workers, extract_descriptors
 from wakd.models import PlaceNet, build_place_net
 from wakd.models.inference import (
     ChannelsLast,
     OnnxDescriptorNet,
+    export_onnx,
     fold_batchnorm,
     optimize_for_inference,
 )
@@ -113,6 +120,20 @@ def test_parameter_free_network_stays_in_pytorch() -> None:
     assert max_error(fast(images), net(images)) == 0
 
 
+def test_onnxruntime_splits_the_batch_over_threads() -> None:
+    """Each thread describes its part of the batch: the same descriptors as one run."""
+    net = small_nets()["mobilenetv3"].eval()
+    buffer = io.BytesIO()
+    export_onnx(fold_batchnorm(net), torch.randn(1, 3, *IMAGE_SIZE), buffer)
+    single, split = OnnxDescriptorNet(buffer.getvalue(), threads=1), OnnxDescriptorNet(buffer.getvalue(), threads=3)
+    images = torch.randn(7, 3, *IMAGE_SIZE)
+    for batch in (images, images[:2], images[:1]):  # 3 + 2 + 2, two of one, one
+        assert torch.equal(split(batch), single(batch))
+    assert split._pool is not None and single._pool is None
+    with torch.no_grad():
+        assert max_error(split(images), net(images)) < 1e-4
+
+
 class _Images(torch.utils.data.Dataset):
     def __init__(self, images: Tensor) -> None:
         self.images = images
@@ -134,3 +155,53 @@ def test_extraction_on_the_optimised_path() -> None:
     assert result.descriptors.shape == (7, net.descriptor_dim) and result.valid.all()
     # Descriptors are stored as fp16: compare at fp16 precision.
     assert max_error(torch.from_numpy(result.descriptors).float(), expected) < 2e-3
+
+
+def _image_files(tmp_path: Path, count: int) -> list[Path]:
+    """Noise JPEGs larger than IMAGE_SIZE (resized on loading), then one truncated file."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.jpg", quality=90)
+        paths.append(tmp_path / f"{i}.jpg")
+    (tmp_path / "bad.jpg").write_bytes((tmp_path / "0.jpg").read_bytes()[:300])
+    return [*paths, tmp_path / "bad.jpg"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_extraction_of_image_files_equals_the_float_path(
+    tmp_path: Path, num_workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers decode to uint8 and extraction normalises the batch: the very same network
+    inputs as the datasets' own float images (corrupt ones included), so equal descriptors."""
+    monkeypatch.setattr("wakd.eval.extract.cpu_workers", lambda n: n)  # a worker on any machine
+    net = small_nets()["mobilenetv3"].eval()
+    paths = _image_files(tmp_path, 6)
+    tf = build_transform(IMAGE_SIZE, train=False)
+    dataset = ConcatDataset(
+        [ImageListDataset(paths[:2], tf, skip_corrupt=True), ImageListDataset(paths[2:], tf, skip_corrupt=True)]
+    )
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [valid for _, _, valid in items] == [True] * 6 + [False]
+    images = torch.stack([image for image, _, _ in items])
+    with torch.no_grad():  # the batches extraction makes (batch size 3)
+        expected = torch.cat([net(images[i : i + 3]) for i in range(0, len(images), 3)])
+    eager = extract_descriptors(
+        net, dataset, batch_size=3, num_workers=num_workers, progress=False, optimize=False
+    )
+    assert torch.equal(torch.from_numpy(eager.descriptors), expected.half())
+    assert eager.valid.tolist() == [True] * 6 + [False]
+    fast = extract_descriptors(net, dataset, batch_size=3, num_workers=num_workers, progress=False)
+    assert max_error(torch.from_numpy(fast.descriptors).float(), expected) < 2e-3  # fp16 storage
+
+
+def test_cpu_extraction_leaves_the_forward_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert [cpu_workers(n) for n in (0, 1, 2, 4)] == [0, 0, 0, 0]  # decode inline
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert [cpu_workers(n) for n in (0, 1, 2)] == [0, 1, 1]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert [cpu_workers(n) for n in (0, 2, 8, 12)] == [0, 2, 8, 8]

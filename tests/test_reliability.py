@@ -161,7 +161,10 @@ def _corrupt_two_test_images(city: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_corrupt_image_is_named(num_workers: int, city: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_image_is_named(
+    num_workers: int, city: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("wakd.eval.extract.cpu_workers", lambda n: n)  # a real worker on any machine
     bad = _corrupt_two_test_images(city)
     cfg = compose_cfg("eval", [*TINY_EVAL, f"num_workers={num_workers}"], city, tmp_path / "run")
     err = expect_exit(evaluate.run, cfg, capsys)

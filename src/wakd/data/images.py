@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import transforms as T
 
 log = logging.getLogger(__name__)
@@ -22,17 +25,52 @@ class ImageLoadError(OSError):
 
 
 class ImageTransform:
-    """PIL image -> normalised tensor [3, H, W]; remembers its output size for fast decoding."""
+    """PIL image -> normalised tensor [3, H, W]; remembers its output size for fast decoding.
 
-    def __init__(self, image_size: tuple[int, int] | None, steps: Sequence[Callable]) -> None:
+    Two stages, so that extraction can keep the float work out of DataLoader workers:
+    ``to_uint8`` (the PIL steps, i.e. resize and colour jitter, then a uint8 tensor) and
+    ``normalize`` (uint8 images or batches -> float32 ``(x / 255 - mean) / std``, the very
+    arithmetic of ``ToTensor`` + ``Normalize``, so bit-identical to them). A transform is
+    ``normalize(to_uint8(image))``.
+    """
+
+    def __init__(
+        self,
+        image_size: tuple[int, int] | None,
+        steps: Sequence[Callable[[Image.Image], Image.Image]],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         self.image_size = image_size  # (H, W), or None to keep each image's size
-        self.compose = T.Compose(list(steps))
+        self.compose = T.Compose(list(steps))  # PIL -> PIL
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def to_uint8(self, image: Image.Image, contiguous: bool = True) -> torch.Tensor:
+        """The PIL steps, then uint8 [3, H, W]. ``contiguous=False`` returns a CHW view of
+        HWC memory: ``torch.stack`` (DataLoader collation) lays it out in its one copy."""
+        image = self.compose(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        return chw.contiguous() if contiguous else chw
+
+    def normalize(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 images [..., 3, H, W] -> float32 ``(images / 255 - mean) / std``, in a new
+        tensor or in ``out`` (float32, same shape: reusing it saves fresh pages per batch)."""
+        mean = torch.tensor(self.mean, device=images.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(3, 1, 1)
+        floats = images.to(torch.float32) if out is None else out.copy_(images)
+        return floats.div_(255).sub_(mean).div_(std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.compose(image)
+        return self.normalize(self.to_uint8(image))
 
     def __repr__(self) -> str:
-        return f"ImageTransform(image_size={self.image_size}, {self.compose})"
+        return (
+            f"ImageTransform(image_size={self.image_size}, {self.compose}, "
+            f"Normalize(mean={self.mean}, std={self.std}))"
+        )
 
 
 def build_transform(
@@ -43,13 +81,12 @@ def build_transform(
     color_jitter: tuple[float, float, float, float] = (0.7, 0.7, 0.7, 0.5),
 ) -> ImageTransform:
     """Resize to ``image_size`` (H, W), colour-jitter when ``train``, to tensor, normalise."""
-    steps: list[Callable] = []
+    steps: list[Callable[[Image.Image], Image.Image]] = []
     if image_size is not None:
         steps.append(T.Resize(tuple(image_size)))
     if train:
         steps.append(T.ColorJitter(*color_jitter))
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return ImageTransform(None if image_size is None else tuple(image_size), steps)
+    return ImageTransform(None if image_size is None else tuple(image_size), steps, mean, std)
 
 
 def load_rgb(path: str | os.PathLike, size_hint: tuple[int, int] | None = None) -> Image.Image:
@@ -68,17 +105,25 @@ def load_rgb(path: str | os.PathLike, size_hint: tuple[int, int] | None = None) 
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """Images of a list of paths, as (image [3, H, W], index, valid)."""
+    """Images of a list of paths, as (image [3, H, W], index, valid).
+
+    ``uint8=True`` (needs an ``ImageTransform``): images stay uint8, unnormalised, and
+    ``transform.normalize`` finishes them, batched (see ``uint8_images``).
+    """
 
     def __init__(
         self,
         paths: Sequence[Path | str],
         transform: Callable[[Image.Image], torch.Tensor],
         skip_corrupt: bool = False,
+        uint8: bool = False,
     ) -> None:
+        if uint8 and not isinstance(transform, ImageTransform):
+            raise TypeError(f"uint8 images need an ImageTransform, not {transform!r}")
         self.paths = list(paths)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self.uint8 = uint8
         self.image_size: tuple[int, int] | None = getattr(transform, "image_size", None)
 
     def __len__(self) -> int:
@@ -92,5 +137,43 @@ class ImageListDataset(torch.utils.data.Dataset):
                 raise
             log.warning("%s; using a zero image instead", exc)
             height, width = self.image_size or (1, 1)
-            return torch.zeros(3, height, width), i, False
+            dtype = torch.uint8 if self.uint8 else torch.float32
+            return torch.zeros(3, height, width, dtype=dtype), i, False
+        if self.uint8:
+            return self.transform.to_uint8(image, contiguous=False), i, True  # type: ignore[attr-defined]
         return self.transform(image), i, True
+
+
+def uint8_images(dataset: Dataset) -> tuple[Dataset, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """A copy of ``dataset`` whose images come uint8, and the batch normalisation that
+    completes them: ``normalize(uint8 batch)`` equals the batch of ``dataset`` exactly
+    (apart from skipped corrupt images: zero there, to be zeroed after normalising).
+
+    Decoding to uint8 and normalising the batch in the consumer cuts a DataLoader
+    worker's float work and its traffic to the main process fourfold
+    (bench/p2_extraction.py). ``dataset`` is an ``ImageListDataset`` with an
+    ``ImageTransform``, or ``Subset`` / ``ConcatDataset`` of such, all with the same
+    mean and std; anything else gives None (use ``dataset`` as it is).
+    """
+    norms: set[tuple[tuple[float, ...], tuple[float, ...]]] = set()
+    transforms: list[ImageTransform] = []
+
+    def convert(ds: Dataset) -> Dataset | None:
+        if isinstance(ds, ImageListDataset) and isinstance(ds.transform, ImageTransform):
+            norms.add((ds.transform.mean, ds.transform.std))
+            transforms.append(ds.transform)
+            raw = copy.copy(ds)
+            raw.uint8 = True
+            return raw
+        if isinstance(ds, Subset):
+            inner = convert(ds.dataset)
+            return None if inner is None else Subset(inner, ds.indices)
+        if isinstance(ds, ConcatDataset):
+            parts = [convert(d) for d in ds.datasets]
+            return None if any(p is None for p in parts) else ConcatDataset(parts)  # type: ignore[arg-type]
+        return None
+
+    converted = convert(dataset)
+    if converted is None or len(norms) != 1:
+        return None
+    return converted, transforms[0].normalize

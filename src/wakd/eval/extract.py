@@ -6,9 +6,12 @@ one) and the shards are gathered, so every image is described exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from wakd.models.inference import optimize_for_inference
+from wakd.data.images import uint8_images
+from wakd.models.inference import OnnxDescriptorNet, optimize_for_inference
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,13 +72,28 @@ def extract_descriptors(
 
     ``optimize``: on the CPU, describe with BatchNorm folded and ONNX Runtime (about 7x
     eager fp32 for the student, descriptors within 1e-4; bench/p1_speedup.py).
+
+    Images of ``ImageListDataset``s (also inside ``Subset`` / ``ConcatDataset``) are
+    decoded to uint8 and normalised here, batched, on ``device`` (into one reused buffer
+    on the CPU): the same tensors, with a quarter of a worker's float work and
+    inter-process traffic. On the CPU the forward already uses ``torch.get_num_threads()``
+    cores, so at most one worker per free core runs (``cpu_workers``): a worker on a busy
+    core only steals cycles from the forward, and decoding inline is cheaper. With ONNX
+    Runtime (its own threads) the few PyTorch operations of the loop (collation,
+    normalisation, fp16) run single-threaded: on busy cores OpenMP's barriers made them
+    slower than the forward itself on small images (bench/p2_extraction.py).
     """
     rank, world = _world()
     total = len(dataset)  # type: ignore[arg-type]
-    shard = Subset(dataset, list(range(rank, total, world)))
     device = torch.device(device)
+    raw = uint8_images(dataset)
+    images, normalize = raw if raw is not None else (dataset, None)
+    shard = Subset(images, list(range(rank, total, world)))
+    if device.type == "cpu":
+        num_workers = cpu_workers(num_workers)
     if optimize and device.type == "cpu" and len(shard):
-        net = optimize_for_inference(net, shard[0][0][None])
+        example = shard[0][0][None]
+        net = optimize_for_inference(net, normalize(example) if normalize else example)
     loader = DataLoader(
         shard,
         batch_size=batch_size,
@@ -85,12 +106,24 @@ def extract_descriptors(
     net.eval()
     chunks: list[torch.Tensor] = []
     valid_chunks: list[torch.Tensor] = []
+    buffer: torch.Tensor | None = None  # normalised batches on the CPU, reused
+    own_threads = isinstance(net, OnnxDescriptorNet)
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False, unit="batch")
-    for images, _, valid in bar:
-        out = net(images.to(device, non_blocking=True))
-        chunks.append(out.to(torch.float16))
-        valid_chunks.append(valid.to(device))
+    with torch_threads(1) if own_threads else contextlib.nullcontext():
+        for batch, _, valid in bar:
+            batch = batch.to(device, non_blocking=True)
+            if normalize is not None:
+                out = None
+                if device.type == "cpu":
+                    if buffer is None or buffer.shape[1:] != batch.shape[1:] or len(buffer) < len(batch):
+                        buffer = torch.empty(batch.shape, dtype=torch.float32)
+                    out = buffer[: len(batch)]
+                batch = normalize(batch, out=out)
+                if not valid.all():  # as ImageListDataset's own zero images of skipped files
+                    batch[~valid.to(device)] = 0
+            chunks.append(net(batch).to(torch.float16))
+            valid_chunks.append(valid.to(device))
     seconds = time.perf_counter() - start
     net.train(was_training)
     if chunks:
@@ -107,6 +140,32 @@ def extract_descriptors(
         valid=valid_all.cpu().numpy().astype(bool),
         images_per_second=len(shard) * world / max(seconds, 1e-9),
     )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``threads`` inside the block, then restored."""
+    before = torch.get_num_threads()
+    if threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_workers(num_workers: int) -> int:
+    """DataLoader workers for extraction on the CPU: at most one per core the forward's
+    ``torch.get_num_threads()`` threads leave free, so none on a 2-core machine with 2
+    threads: decoding inline there reached 0.85 of the bare forward at 480x640 against
+    0.69 with one worker and 0.68 with two (bench/p2_extraction.py; similar on 96x128)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = max(0, cores - torch.get_num_threads())
+    if num_workers > limit:
+        log.debug("extraction on the CPU: %d DataLoader workers instead of %d", limit, num_workers)
+    return min(num_workers, limit)
 
 
 def _descriptor_dim(net: nn.Module) -> int:
