@@ -7,14 +7,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import TINY_TRAIN, compose_cfg
 
 from wakd.data.rendered_datamodule import RenderedPlacesDataModule
 from wakd.eval.evaluate import evaluate_split
-from wakd.jobs import pretrain
+from wakd.jobs import evaluate, pretrain, train
 from wakd.jobs.common import build_net
-from wakd.modules.pretrain import PlaceEmbedding, multi_positive_info_nce
+from wakd.models.place_net import build_place_net
+from wakd.modules.pretrain import PlaceEmbedding, PlacePretrainModule, multi_positive_info_nce
 
+TINY_EVAL = ["dataset=synthcity", "dataset.image_size=[64,86]", "dataset.generate.preset=tiny", "num_workers=0"]
 PRETRAIN = [
     "experiment=pretrain_places",
     "dataset.image_size=[64,86]",
@@ -50,11 +52,17 @@ def _val_r1(net: torch.nn.Module, root: Path) -> float:
     return result.recall[1]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_pretraining_lowers_loss_and_beats_untrained(tiny_data_dir: Path, tmp_path: Path, seed: int) -> None:
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module", params=[0, 1], ids=lambda seed: f"seed{seed}")
+def pretrained(request: pytest.FixtureRequest, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One 300-step pretraining per seed, shared by the tests below: (seed, cfg, metrics, run dir)."""
+    seed = request.param
+    run_dir = tmp_path_factory.mktemp(f"pretrain{seed}") / "run"
     cfg = compose_cfg("train", [*PRETRAIN, f"seed={seed}"], tiny_data_dir, run_dir)
-    metrics = pretrain.run(cfg)
+    return seed, cfg, pretrain.run(cfg), run_dir
+
+
+def test_pretraining_lowers_loss_and_beats_untrained(pretrained, tiny_data_dir: Path) -> None:
+    seed, cfg, metrics, run_dir = pretrained
     rows = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     losses = [float(r.split(",")[header.index("train/loss")]) for r in rows[1:] if r.split(",")[header.index("train/loss")]]
@@ -68,6 +76,25 @@ def test_pretraining_lowers_loss_and_beats_untrained(tiny_data_dir: Path, tmp_pa
     assert metrics["val/R@1"] > untrained + 0.05, (metrics, untrained)
 
 
+def test_trained_teacher_beats_untrained_network_on_test_split(pretrained, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The demo's teacher recipe at tiny scale: pretraining, then NetVLAD training (teacher=none),
+    evaluated by eval.py on the held-out test split against the same untrained network."""
+    seed, _, _, pretrain_dir = pretrained
+    model = ["model=resnet18", "model.net.num_clusters=8", f"seed={seed}"]
+    teacher_dir = tmp_path / "teacher"
+    train.run(compose_cfg("train", [
+        *TINY_TRAIN, *model, "experiment=demo_netvlad", "teacher=none", "train.first_passes=1", "optimizer.lr=1e-4",
+        f"model.weights={pretrain_dir / 'checkpoints' / 'last.ckpt'}",
+    ], tiny_data_dir, teacher_dir))
+    recall = {}
+    for name, ckpt in (("untrained", None), ("teacher", teacher_dir / "checkpoints" / "best.ckpt")):
+        overrides = [*TINY_EVAL, *model, "pca=false", *([f"ckpt={ckpt}"] if ckpt else [])]
+        recall[name] = evaluate.run(compose_cfg("eval", overrides, tiny_data_dir, tmp_path / name))[1]
+    # Measured (test split, 50 queries, R@1 standard error about 0.07): untrained 0.28 / 0.28,
+    # teacher 0.48 / 0.52 (seeds 0 / 1).
+    assert recall["teacher"] > recall["untrained"] + 0.10, recall
+
+
 def test_pretraining_checkpoint_loads_as_model_weights(tiny_data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = compose_cfg("train", [*PRETRAIN, "pretrain.steps=2", "pretrain.steps_per_epoch=2"], tiny_data_dir, run_dir)
@@ -77,3 +104,35 @@ def test_pretraining_checkpoint_loads_as_model_weights(tiny_data_dir: Path, tmp_
     net = build_net(compose_cfg("train", ["model=resnet18", f"model.weights={ckpt}"], tiny_data_dir, tmp_path / "x").model)
     for key, value in net.backbone.state_dict().items():
         assert torch.equal(value, saved[f"net.backbone.{key}"]), key
+
+
+def test_learning_rate_schedule_warms_up_then_follows_a_cosine() -> None:
+    backbone = torch.nn.Conv2d(3, 8, 3)
+    module = PlacePretrainModule(backbone, 8, num_classes=4, schedule="cosine", warmup_steps=10, total_steps=110)
+    assert module.lr_factor(0) == pytest.approx(0.1)
+    assert module.lr_factor(9) == pytest.approx(1.0)
+    assert module.lr_factor(60) == pytest.approx(0.5)  # half way through the decay
+    assert module.lr_factor(110) == pytest.approx(0.0, abs=1e-12)
+    constant = PlacePretrainModule(backbone, 8, num_classes=4, warmup_steps=4)
+    assert [constant.lr_factor(s) for s in (0, 3, 500)] == pytest.approx([0.25, 1.0, 1.0])
+
+
+def test_pretraining_with_teacher_adds_distillation_and_leaves_teacher_alone() -> None:
+    torch.manual_seed(0)
+    teacher = build_place_net("resnet18", cut="layer3", num_clusters=4)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = build_place_net("mobilenetv3_large", cut="stride16", proj_dim=16, num_clusters=4).backbone
+    images, labels = torch.rand(4, 2, 3, 64, 86), torch.tensor([0, 1, 2, 3])
+    plain = PlacePretrainModule(student, student.out_channels, num_classes=4)
+    wakd = PlacePretrainModule(student, student.out_channels, num_classes=4, teacher=teacher, distill_weight=100.0)
+    wakd.load_state_dict(plain.state_dict())  # the same student and head
+    wakd.log = plain.log = lambda *args, **kwargs: None  # no trainer attached
+    plain.train(), wakd.train()
+    loss_plain, loss_wakd = plain.training_step((images, labels), 0), wakd.training_step((images, labels), 0)
+    assert loss_wakd > loss_plain  # + 100 x a non-negative Gram MSE, here non-zero
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    optimizer = wakd.configure_optimizers()["optimizer"]
+    loss_wakd.backward()
+    optimizer.step()
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert not any(k.startswith("teacher") for k in wakd.state_dict())  # never checkpointed
