@@ -31,8 +31,8 @@ import warnings
 
 import torch
 from p1_speedup import THREADS, build_student, build_teacher, load_average
-from torch.utils.data import Dataset
 
+from wakd.data.images import TensorImageDataset
 from wakd.modules.place_module import PlaceModule
 from wakd.modules.teacher_cache import build_teacher_cache
 
@@ -40,17 +40,6 @@ IMAGE_SIZE = (192, 256)
 TUPLE = 7  # 1 query + 3 positives + 3 negatives
 POS_NUM = 3
 GOAL_RATIO = 1.3
-
-
-class _Images(Dataset):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        return self.images[i], i, True
 
 
 def _module(student: torch.nn.Module, teacher: torch.nn.Module | None, cache: bool) -> PlaceModule:
@@ -93,7 +82,7 @@ def main() -> None:
         "wakd_live": _module(student, teacher, cache=False),
     }
     start = time.perf_counter()
-    cache = build_teacher_cache(teacher, _Images(images[0]), IMAGE_SIZE, batch_size=TUPLE, num_workers=0,
+    cache = build_teacher_cache(teacher, TensorImageDataset(images[0]), IMAGE_SIZE, batch_size=TUPLE, num_workers=0,
                                 progress=False)
     fill_per_image = (time.perf_counter() - start) / TUPLE
     candidates["wakd_cache"].teacher_cache = cache

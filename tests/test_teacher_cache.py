@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TRAIN, compose_cfg
-from torch.utils.data import Dataset
 
+from wakd.data.images import TensorImageDataset
 from wakd.jobs import train
 from wakd.jobs.common import build_net, load_dataset_split
 from wakd.losses import teacher_targets
@@ -19,19 +19,6 @@ from wakd.modules.teacher_cache import build_teacher_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = (64, 86)
-
-
-class Images(Dataset):
-    """Items ``(image, index, valid)`` like ImageListDataset's."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        return self.images[i], i, True
 
 
 def _module(cache: bool) -> PlaceModule:
@@ -61,7 +48,7 @@ def test_cached_targets_give_the_live_teacher_loss() -> None:
 
     live = _distill_loss(module, batch)
     module.teacher_cache = build_teacher_cache(
-        module.teacher, Images(images), SIZE, batch_size=5, num_workers=0, progress=False
+        module.teacher, TensorImageDataset(images), SIZE, batch_size=5, num_workers=0, progress=False
     )
     cached = _distill_loss(module, batch)
     assert live > 1e-4
@@ -83,7 +70,7 @@ def test_cached_targets_give_the_live_teacher_loss() -> None:
 def test_cache_rejects_batches_without_image_ids() -> None:
     module = _module(cache=True)
     images = torch.randn(5, 3, *SIZE)
-    module.teacher_cache = build_teacher_cache(module.teacher, Images(images), SIZE, num_workers=0, progress=False)
+    module.teacher_cache = build_teacher_cache(module.teacher, TensorImageDataset(images), SIZE, num_workers=0, progress=False)
     with pytest.raises(ValueError, match="image ids"):
         _distill_loss(module, (images[None], torch.tensor([0])))
 

@@ -104,6 +104,20 @@ def load_rgb(path: str | os.PathLike, size_hint: tuple[int, int] | None = None) 
         raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
 
 
+class TensorImageDataset(torch.utils.data.Dataset):
+    """Images already decoded and normalised in memory [N, 3, H, W], as ImageListDataset's
+    items ``(image, index, valid)``: for extraction from tensors (benchmarks, tests)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        return self.images[i], i, True
+
+
 class ImageListDataset(torch.utils.data.Dataset):
     """Images of a list of paths, as (image [3, H, W], index, valid).
 
