@@ -33,3 +33,23 @@ def test_cluster_writes_deterministic_centroid_file(tiny_data_dir: Path, tmp_pat
         np.testing.assert_allclose(np.linalg.norm(a["descriptors"][:], axis=1), 1.0, rtol=1e-5)
         np.testing.assert_array_equal(a["centroids"][:], b["centroids"][:])
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_centroid_file_is_keyed_by_the_weights(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Centroids clustered on pretrained weights must not initialise a random network, or
+    the reverse: the weights file's digest is part of the name."""
+    import torch
+
+    from wakd.models import build_place_net
+
+    weights = tmp_path / "pretrained.pt"
+    torch.save(build_place_net("resnet18", num_clusters=8).state_dict(), weights)
+    overrides = [*OVERRIDES, f"paths.cluster_dir={tmp_path / 'clusters'}"]
+    random_init = compose_cfg("cluster", overrides, tiny_data_dir, tmp_path / "a")
+    pretrained = compose_cfg("cluster", [*overrides, f"model.weights={weights}"], tiny_data_dir, tmp_path / "b")
+    assert Path(random_init.centroids).name == "resnet18_synthcity_8_desc_cen.hdf5"
+    name = Path(pretrained.centroids).name
+    assert name.startswith("resnet18_synthcity_8_pretrained-") and name.endswith("_desc_cen.hdf5")
+    torch.save(build_place_net("resnet18", num_clusters=8).state_dict(), weights)  # other weights
+    assert Path(compose_cfg("cluster", [*overrides, f"model.weights={weights}"], tiny_data_dir,
+                            tmp_path / "c").centroids).name != name

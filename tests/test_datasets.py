@@ -20,6 +20,8 @@ from wakd.data.images import (
     ImageListDataset,
     ImageLoadError,
     build_transform,
+    decode_jpeg_at_size,
+    load_rgb,
     uint8_images,
 )
 from wakd.data.netvlad_mat import DbStruct, load_dbstruct, save_dbstruct
@@ -326,6 +328,27 @@ def test_uint8_images_normalise_to_the_same_batch(
     assert uint8_images(torch.utils.data.TensorDataset(torch.zeros(2, 3, 4, 4))) is None
     with pytest.raises(TypeError):
         ImageListDataset(paths, lambda im: torch.zeros(3, 1, 1), uint8=True)
+
+
+def test_jpegs_stored_at_the_target_size_decode_to_the_same_pixels(tmp_path: Path) -> None:
+    """uint8 items of JPEGs already at the evaluation size skip PIL (torchvision decodes
+    them): the same pixels as the PIL path, grayscale and other sizes included."""
+    paths = [_noise_jpeg(tmp_path / f"{i}.jpg", size=(64, 48), seed=i) for i in range(3)]
+    Image.new("L", (64, 48), 77).save(tmp_path / "gray.jpg")
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "png.png")
+    paths += [tmp_path / "gray.jpg", tmp_path / "png.png", _noise_jpeg(tmp_path / "big.jpg", size=(96, 72))]
+    tf = build_transform((48, 64), train=False)
+    assert tf.only_resizes and not build_transform((48, 64), train=True).only_resizes
+    assert decode_jpeg_at_size(paths[0], (48, 64)) is not None  # the fast path is taken
+    assert decode_jpeg_at_size(paths[4], (48, 64)) is None and decode_jpeg_at_size(paths[5], (48, 64)) is None
+    fast = ImageListDataset(paths, tf, uint8=True)
+    for i, path in enumerate(paths):
+        assert torch.equal(fast[i][0], tf.to_uint8(load_rgb(path, (48, 64)))), path.name
+    (tmp_path / "cut.jpg").write_bytes(paths[0].read_bytes()[:1500])  # header intact, data cut
+    with pytest.raises(ImageLoadError, match=r"cut\.jpg"):
+        ImageListDataset([tmp_path / "cut.jpg"], tf, uint8=True)[0]
+    image, _, valid = ImageListDataset([tmp_path / "cut.jpg"], tf, skip_corrupt=True, uint8=True)[0]
+    assert not valid and image.dtype == torch.uint8 and not image.any()
 
 
 def test_jpeg_decoded_at_reduced_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,22 @@ def load_dataset_split(dataset: DictConfig, which: str) -> PlaceSplit:
     return load_split(dataset.kind, dataset.root, split, scale=dataset.get("scale"))
 
 
+def weights_tag(weights: str | None) -> str:
+    """Part of a centroid file's name saying which weights its features came from: '' for
+    random weights (the reference's name), '_imagenet', or '_<stem>-<sha256[:8]>' of a
+    file. Centroids clustered on one set of weights must never initialise another."""
+    if weights is None:
+        return ""
+    path = Path(weights)
+    if not path.is_file():  # 'imagenet', or a missing file that building the model reports
+        return f"_{path.stem}"
+    return f"_{path.stem}-{file_digest(path, 8)}"
+
+
+# Config files name centroid files with ${weights_tag:${model.weights}}.
+OmegaConf.register_new_resolver("weights_tag", weights_tag, replace=True)
+
+
 def file_digest(path: str | os.PathLike, length: int = 16) -> str:
     """Short SHA-256 of a file, to key caches and record which teacher was used."""
     digest = hashlib.sha256()

@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> dict[int, float]:
     net = load_eval_net(cfg)
     if isinstance(net, PlaceNet) and cfg.ckpt is None:
         # An untrained NetVLAD still needs its centroids: use the clustered ones when present.
-        centroids = Path(cfg.paths.cluster_dir) / f"{cfg.model.name}_{cfg.dataset.name}_{net.pool.num_clusters}_desc_cen.hdf5"
+        centroids = Path(cfg.centroids)
         if centroids.is_file():
             net.pool.init_from_hdf5(centroids)
     if cfg.pca and isinstance(net, PlaceNet):

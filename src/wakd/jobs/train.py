@@ -92,6 +92,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         pos_num=cfg.datamodule.pos_num,
         eval_ns=cfg.eval_ns,
         val_every_n_rounds=cfg.train.val_every_n_rounds,
+        freeze_batchnorm=cfg.train.freeze_batchnorm,
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
     )
     trainer: L.Trainer = hydra.utils.instantiate(

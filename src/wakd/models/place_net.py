@@ -67,7 +67,8 @@ def build_place_net(
     trainable: str = "default",
     proj_dim: int | None = None,
     num_clusters: int = 64,
+    bn_momentum: float | None = None,
 ) -> PlaceNet:
     """Backbone ``backbone`` (see ``build_backbone``) + NetVLAD with ``num_clusters`` clusters."""
-    net = build_backbone(backbone, weights, cut, trainable, proj_dim)
+    net = build_backbone(backbone, weights, cut, trainable, proj_dim, bn_momentum)
     return PlaceNet(net, NetVLAD(num_clusters, net.out_channels))

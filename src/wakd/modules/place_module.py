@@ -82,6 +82,7 @@ class PlaceModule(L.LightningModule):
         pos_num: int = 3,
         eval_ns: Sequence[int] = (1, 5, 10),
         val_every_n_rounds: int = 1,
+        freeze_batchnorm: bool = False,
         model_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -99,6 +100,7 @@ class PlaceModule(L.LightningModule):
         self.pos_num = pos_num
         self.eval_ns = tuple(eval_ns)
         self.val_every_n_rounds = val_every_n_rounds
+        self.freeze_batchnorm = freeze_batchnorm
         self.model_config = model_config or {}
         self.teacher_info = teacher_info or {}
         # Unregistered on purpose (see module docstring): kept in __dict__, moved by hand.
@@ -114,6 +116,11 @@ class PlaceModule(L.LightningModule):
         for frozen in (self.teacher, self.prev_net):
             if frozen is not None:
                 frozen.eval()  # Lightning's model.train() must not wake BatchNorm of frozen nets
+        if self.freeze_batchnorm:
+            # Tuples of near-identical views are unlike the images the statistics came from.
+            for module in self.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def on_fit_start(self) -> None:
