@@ -252,6 +252,27 @@ def test_vlad_gram_loss_matches_loop_with_mismatched_sizes() -> None:
     assert vlad_gram_loss(teacher, teacher).item() == 0.0
 
 
+def test_centred_gram_ignores_what_all_images_share() -> None:
+    """Descriptors = one large common part + small differences (the synthetic city's
+    teacher): the uncentred Gram is flat, the centred one is the Gram of the differences."""
+    g = torch.Generator().manual_seed(0)
+    differences = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    shared = 100 * torch.randn(1, 40, generator=g, dtype=torch.float64)
+    teacher = shared + differences
+    flat = row_normalised_gram(teacher)
+    assert (flat - flat.mean()).abs().max() < 0.01  # every image alike
+    centred_rows = (differences - differences.mean(0)).tolist()
+    torch.testing.assert_close(row_normalised_gram(teacher, center=True), torch.tensor(gram_loop(centred_rows), dtype=torch.float64))
+    student = torch.randn(6, 3, 5, generator=g, dtype=torch.float64)
+    as_vlad = differences.view(6, 40)
+    assert vlad_gram_loss(student, teacher, center=True).item() == pytest.approx(
+        vlad_gram_loss(student, as_vlad, center=True).item(), rel=1e-9
+    )
+    terms = distill_loss(student, teacher, None, None, use_attention=False, center=True)
+    assert terms["vlad"].item() == pytest.approx(vlad_gram_loss(student, teacher, center=True).item())
+    assert terms["vlad"].item() != pytest.approx(vlad_gram_loss(student, teacher).item())
+
+
 def test_attention_gram_loss_mismatched_sizes_and_cached_teacher() -> None:
     g = torch.Generator().manual_seed(1)
     student = torch.randn(5, 8, 4, 6, generator=g)

@@ -72,6 +72,27 @@ def test_wakd_run_freezes_teacher_and_trains_student(
     assert "train/loss_distill" in metrics_csv
 
 
+def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains(
+    baseline_run: Path, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    weights = baseline_run / "checkpoints" / "last.ckpt"
+    overrides = [*TINY_TRAIN, "teacher=none", "train.freeze_batchnorm=true", f"model.weights={weights}"]
+    train.run(compose_cfg("train", overrides, tiny_data_dir, tmp_path / "run"))
+    before, after = _state(weights), _state(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    statistics = [k for k in after if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(after[k], before[k]) for k in statistics)
+    assert not torch.equal(after["net.backbone.layer3.0.conv1.weight"], before["net.backbone.layer3.0.conv1.weight"])
+
+
+def test_batchnorm_momentum_option(tiny_data_dir: Path, tmp_path: Path) -> None:
+    def momenta(*overrides: str) -> set[float]:
+        cfg = compose_cfg("train", ["model=mobilenetv3_large", "model.net.cut=stride16", *overrides], tiny_data_dir, tmp_path)
+        return {m.momentum for m in build_net(cfg.model).backbone.features.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    assert momenta() == {0.01}  # torchvision's
+    assert momenta("model.net.bn_momentum=0.1") == {0.1}
+
+
 def test_missing_teacher_checkpoint_says_how_to_make_one(tiny_data_dir: Path, tmp_path: Path) -> None:
     cfg = compose_cfg("train", [*TINY_TRAIN, "teacher=vgg16"], tiny_data_dir, tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="teacher=none"):

@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         scale=p.scale, margin=p.margin, lr=p.lr, head_lr=p.head_lr,
         schedule=p.schedule, warmup_steps=p.warmup_steps, total_steps=p.steps,
         teacher=teacher, distill_weight=cfg.distill.weight, distill_vlad=cfg.distill.vlad,
-        distill_attention=cfg.distill.attention, eval_ns=cfg.eval_ns,
+        distill_attention=cfg.distill.attention, distill_center=cfg.distill.center, eval_ns=cfg.eval_ns,
     )
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,

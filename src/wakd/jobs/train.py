@@ -88,6 +88,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         distill_weight=cfg.distill.weight,
         distill_vlad=cfg.distill.vlad,
         distill_attention=cfg.distill.attention,
+        distill_center=cfg.distill.center,
         teacher_cache=bool(cfg.teacher.get("cache", False)) if teacher is not None else False,
         pos_num=cfg.datamodule.pos_num,
         eval_ns=cfg.eval_ns,

@@ -78,6 +78,7 @@ class PlaceModule(L.LightningModule):
         distill_weight: float = 100.0,
         distill_vlad: bool = True,
         distill_attention: bool = True,
+        distill_center: bool = False,
         teacher_cache: bool = False,
         pos_num: int = 3,
         eval_ns: Sequence[int] = (1, 5, 10),
@@ -95,6 +96,7 @@ class PlaceModule(L.LightningModule):
         self.schedule = schedule or GenerationSchedule()
         self.distill_weight = distill_weight
         self.distill_vlad, self.distill_attention = distill_vlad, distill_attention
+        self.distill_center = distill_center
         self.use_teacher_cache = teacher_cache and teacher is not None
         self.teacher_cache: TeacherCache | None = None  # filled at fit start, never checkpointed
         self.pos_num = pos_num
@@ -116,12 +118,20 @@ class PlaceModule(L.LightningModule):
         for frozen in (self.teacher, self.prev_net):
             if frozen is not None:
                 frozen.eval()  # Lightning's model.train() must not wake BatchNorm of frozen nets
+        if mode:
+            self._freeze_batchnorm()
+        return self
+
+    def _freeze_batchnorm(self) -> None:
         if self.freeze_batchnorm:
-            # Tuples of near-identical views are unlike the images the statistics came from.
+            # Tuples of look-alike views are unlike the images the statistics came from.
             for module in self.net.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning does not call train() when fitting starts; it keeps submodule modes.
+        self._freeze_batchnorm()
 
     def on_fit_start(self) -> None:
         for frozen in (self.teacher, self.prev_net):
@@ -257,6 +267,7 @@ class PlaceModule(L.LightningModule):
                     target_attention[i * t : (i + 1) * t],
                     use_vlad=self.distill_vlad,
                     use_attention=self.distill_attention,
+                    center=self.distill_center,
                 )
                 for i in range(b)  # the Gram matrices are over the images of one tuple
             ]

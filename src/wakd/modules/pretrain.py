@@ -109,6 +109,7 @@ class PlacePretrainModule(L.LightningModule):
         distill_weight: float = 100.0,
         distill_vlad: bool = True,
         distill_attention: bool = True,
+        distill_center: bool = False,
         eval_ns: Sequence[int] = (1, 5, 10),
     ) -> None:
         super().__init__()
@@ -129,6 +130,7 @@ class PlacePretrainModule(L.LightningModule):
         # Unregistered, as in PlaceModule: never trained, never in the checkpoint.
         object.__setattr__(self, "teacher", teacher)
         self.distill_weight, self.distill_vlad, self.distill_attention = distill_weight, distill_vlad, distill_attention
+        self.distill_center = distill_center
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -156,7 +158,8 @@ class PlacePretrainModule(L.LightningModule):
             target = self.teacher.encode(images)
             teacher_vlad, teacher_attention = teacher_targets(target.vlad, target.features)
         terms = distill_loss(embeddings, teacher_vlad, features, teacher_attention,
-                             use_vlad=self.distill_vlad, use_attention=self.distill_attention)
+                             use_vlad=self.distill_vlad, use_attention=self.distill_attention,
+                             center=self.distill_center)
         self.log("train/loss_distill", terms["total"], prog_bar=True)
         return terms["total"]
 
