@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset
 
-from wakd.data.images import ImageListDataset, build_transform
+from wakd.data.images import ImageListDataset, TensorImageDataset, build_transform
 from wakd.eval.extract import cpu_workers, extract_descriptors
 from wakd.models import PlaceNet, build_place_net
 from wakd.models.inference import (
@@ -134,22 +134,11 @@ def test_onnxruntime_splits_the_batch_over_threads() -> None:
         assert max_error(split(images), net(images)) < 1e-4
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, images: Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int, bool]:
-        return self.images[i], i, True
-
-
 def test_extraction_on_the_optimised_path() -> None:
     net = small_nets()["mobilenetv3"].eval()
     images = torch.randn(7, 3, *IMAGE_SIZE)
     fast = optimize_for_inference(net, images[:2])
-    result = extract_descriptors(fast, _Images(images), batch_size=3, num_workers=0, progress=False)
+    result = extract_descriptors(fast, TensorImageDataset(images), batch_size=3, num_workers=0, progress=False)
     with torch.no_grad():
         expected = net(images)
     assert result.descriptors.shape == (7, net.descriptor_dim) and result.valid.all()
@@ -205,3 +194,18 @@ def test_cpu_extraction_leaves_the_forward_its_cores(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert [cpu_workers(n) for n in (0, 2, 8, 12)] == [0, 2, 8, 8]
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_extraction_gives_every_submodule_its_mode_back(optimize: bool) -> None:
+    """A training net with frozen BatchNorm (train.freeze_batchnorm) comes back from
+    extraction (mining, validation) exactly so: net.train(True) would wake the BatchNorm."""
+    net = small_nets()["mobilenetv3"].train()
+    frozen = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for module in frozen:
+        module.eval()
+    before = {name: m.training for name, m in net.named_modules()}
+    extract_descriptors(net, TensorImageDataset(torch.randn(4, 3, *IMAGE_SIZE)), batch_size=2, num_workers=0,
+                        progress=False, optimize=optimize)
+    assert {name: m.training for name, m in net.named_modules()} == before
+    assert net.training and not any(m.training for m in frozen)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from wakd.data.images import uint8_images
 from wakd.models.inference import OnnxDescriptorNet, optimize_for_inference
+from wakd.models.modes import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,13 @@ def extract_descriptors(
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    was_training = net.training
-    net.eval()
     chunks: list[torch.Tensor] = []
     valid_chunks: list[torch.Tensor] = []
     buffer: torch.Tensor | None = None  # normalised batches on the CPU, reused
     own_threads = isinstance(net, OnnxDescriptorNet)
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False, unit="batch")
-    with torch_threads(1) if own_threads else contextlib.nullcontext():
+    with evaluating(net), torch_threads(1) if own_threads else contextlib.nullcontext():
         for batch, _, valid in bar:
             batch = batch.to(device, non_blocking=True)
             if normalize is not None:
@@ -125,7 +124,6 @@ def extract_descriptors(
             chunks.append(net(batch).to(torch.float16))
             valid_chunks.append(valid.to(device))
     seconds = time.perf_counter() - start
-    net.train(was_training)
     if chunks:
         local = torch.cat(chunks)
         local_valid = torch.cat(valid_chunks)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from wakd.models.checkpoints import atomic_write_path
+from wakd.models.modes import evaluating
 
 
 @torch.no_grad()
@@ -37,10 +38,8 @@ def sample_local_features(
     """
     rng = np.random.default_rng(seed)
     device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
     samples = []
-    try:
+    with evaluating(backbone):
         for batch in tqdm(batches, desc="local features", unit="batch", disable=not progress):
             images = batch[0] if isinstance(batch, tuple | list) else batch
             features = F.normalize(backbone(images.to(device)), dim=1)  # [B, D, h, w]
@@ -48,8 +47,6 @@ def sample_local_features(
             for image in locations:
                 count = min(per_image, len(image))
                 samples.append(image[rng.choice(len(image), size=count, replace=False)])
-    finally:
-        backbone.train(was_training)
     if not samples:
         raise ValueError("sample_local_features: no images were given")
     return np.concatenate(samples).astype(np.float32, copy=False)

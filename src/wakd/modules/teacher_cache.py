@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from wakd.eval.extract import extract_descriptors
 from wakd.losses import teacher_targets
+from wakd.models.modes import evaluating
 from wakd.models.place_net import PlaceNet
 
 
@@ -42,14 +43,10 @@ class TeacherTargetNet(nn.Module):
         super().__init__()
         self.teacher = teacher
         self.vlad_dim = teacher.pool.num_clusters * teacher.pool.dim
-        with torch.no_grad():  # the feature-map size at this image size: one probe
-            was_training = teacher.training
-            teacher.eval()
+        with torch.no_grad(), evaluating(teacher):  # the feature-map size at this image size: one probe
             device = next(teacher.parameters()).device
             features = teacher.backbone(torch.zeros(1, 3, *image_size, device=device))
-            teacher.train(was_training)
         self.attention_dim = int(features.shape[2] * features.shape[3])
-        self.train(teacher.training)  # extraction restores this mode afterwards
 
     @property
     def descriptor_dim(self) -> int:
@@ -95,7 +92,6 @@ def build_teacher_cache(
 
     Eager fp32 (no ONNX path), so that cached and live targets differ only by fp16 rounding.
     """
-    was_training = teacher.training
     net = TeacherTargetNet(teacher, tuple(image_size))
     extraction = extract_descriptors(
         net,
@@ -107,6 +103,5 @@ def build_teacher_cache(
         progress=progress,
         optimize=False,
     )
-    teacher.train(was_training)
     table = torch.from_numpy(np.ascontiguousarray(extraction.descriptors))
     return TeacherCache(table=table, vlad_dim=net.vlad_dim)
