@@ -9,10 +9,12 @@ import hydra
 from omegaconf import DictConfig
 
 from wakd.cli import run_job
+from wakd.pretrained import check_start_files
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    run_job(check_start_files, cfg)  # before torch is imported: a missing file fails in seconds
     from wakd.jobs import pretrain, train
 
     job = pretrain.run if cfg.stage == "pretrain_places" else train.run

@@ -20,10 +20,8 @@ from PIL import Image
 
 from wakd.data.netvlad_mat import load_dbstruct
 from wakd.data.synthcity import generate_city
+from wakd.models.normalization import InputNormalization
 from wakd.models.rawpixels import RawPixels
-
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 def load_images(folder: Path, fns: list[str]) -> torch.Tensor:
@@ -67,11 +65,11 @@ class ResNetLayer3GAP(torch.nn.Module):
         super().__init__()
         r = torchvision.models.resnet18(weights=None)
         self.body = torch.nn.Sequential(
-            r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3
+            InputNormalization(), r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.body((x - IMAGENET_MEAN) / IMAGENET_STD).mean(dim=(2, 3))
+        f = self.body(x).mean(dim=(2, 3))
         return torch.nn.functional.normalize(f, dim=1)
 
 

@@ -12,8 +12,8 @@ k-means NetVLAD) on the default inference path (``optimize_for_inference``), bat
 at 480x640. The headline runs the project default: ``num_workers=2`` as configured,
 which ``extract_descriptors`` caps on the CPU to the cores the forward leaves free
 (``cpu_workers``: none on 2 cores with 2 threads, so the main process decodes), images
-decoded to uint8 (torchvision decodes JPEGs already at the target size) and each batch normalised in the main process. For the 480x640 case further rows show where time goes:
-the uint8 path with 1 and 2 workers (uncapped), and 2 workers that normalise and
+decoded to uint8 (torchvision decodes JPEGs already at the target size) and each batch converted to float in the main process (the net normalises it). For the 480x640 case further rows show where time goes:
+the uint8 path with 1 and 2 workers (uncapped), and 2 workers that convert to float and
 ship float32 images, as before the uint8 path. Goal >= 0.90.
 Writes p2_* keys into bench/results.json and the <!-- p2 --> section of RESULTS.md.
 """
@@ -89,7 +89,7 @@ def bare_forward(net: nn.Module, batches: list[torch.Tensor]) -> float:
 
 class FloatImages(Dataset):
     """The dataset behind an opaque wrapper: extraction cannot take its uint8 path, so the
-    workers normalise in float32 and ship float32 images, as before uint8 decoding."""
+    workers convert to float32 and ship float32 images, as before uint8 decoding."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -202,8 +202,8 @@ at the end (shared cores: compare the ratios, measured interleaved in one proces
 over an `ImageListDataset` (decode, resize, batch, forward, store), wall time including
 DataLoader start-up. "default": `num_workers={DEFAULT_WORKERS}` as configured, capped on the
 CPU to the cores the forward leaves free (none here: the main process decodes); images are
-decoded to uint8 (JPEGs stored at the target size by torchvision's decoder, straight into a tensor) and each batch is normalised in the main process. "uncapped": the worker count as given. "float32 from
-workers": the workers normalise and ship float32 images, as before the uint8 path (the
+decoded to uint8 (JPEGs stored at the target size by torchvision's decoder, straight into a tensor) and each batch is converted to float in the main process. "uncapped": the worker count as given. "float32 from
+workers": the workers convert to float and ship float32 images, as before the uint8 path (the
 forward itself is today's in every row). Median of {args.rounds} rounds.
 
 | case | path | img/s | / forward |

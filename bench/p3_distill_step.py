@@ -37,7 +37,7 @@ from wakd.modules.place_module import PlaceModule
 from wakd.modules.teacher_cache import build_teacher_cache
 
 IMAGE_SIZE = (192, 256)
-TUPLE = 7  # 1 query + 3 positives + 3 negatives
+TUPLE = 8  # query, hard positive, 3 negatives, 3 soft positives (TupleDataset)
 POS_NUM = 3
 GOAL_RATIO = 1.3
 

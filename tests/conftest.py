@@ -22,7 +22,7 @@ TINY_TRAIN = [
     "dataset=synthcity",
     "dataset.image_size=[64,86]",
     "dataset.generate.preset=tiny",
-    "model=resnet18",
+    "model=resnet18", "model.weights=null",
     "model.net.num_clusters=8",
     "train.generations=1",
     "datamodule.neg_pool=40",

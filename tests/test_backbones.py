@@ -8,6 +8,7 @@ import torchvision.models as tvm
 from safetensors.torch import save_file
 
 from wakd.models import build_backbone
+from wakd.models.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,8 +56,10 @@ def _trainable(module):
     return {p.requires_grad for p in module.parameters()}
 
 
-def test_vgg16_default_trains_conv5_only():
-    backbone = build_backbone("vgg16")
+def test_vgg16_default_trains_conv5_only_on_pretrained_weights(tmp_path):
+    assert _trainable(build_backbone("vgg16")) == {True}  # a random start trains every layer
+    torch.save(build_backbone("vgg16").state_dict(), tmp_path / "vgg16.pth")
+    backbone = build_backbone("vgg16", weights=tmp_path / "vgg16.pth")
     assert _trainable(backbone.features[:24]) == {False}
     assert _trainable(backbone.features[24:]) == {True}
     assert len(list(backbone.features[24:].parameters())) == 6  # conv5_1..3 weight + bias
@@ -100,9 +103,12 @@ def test_torchvision_pth_loads_and_projection_stays_new(tmp_path):
     torch.save(source.state_dict(), tmp_path / "mbv3.pth")
     backbone = build_backbone("mobilenetv3_large", weights=tmp_path / "mbv3.pth", cut="stride16")
     loaded = backbone.state_dict()
-    trunk = [k for k in loaded if not k.startswith("proj.")]
+    trunk = [k for k in loaded if not k.startswith(("proj.", "normalize."))]
     assert trunk and all(torch.equal(loaded[k], source.state_dict()[k]) for k in trunk)
     assert "proj.0.weight" in loaded  # present, initialised rather than loaded
+    # torchvision files carry no normalisation: the ImageNet one their weights were trained with
+    assert torch.equal(backbone.normalize.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    assert torch.equal(backbone.normalize.std.flatten(), torch.tensor(IMAGENET_STD))
 
 
 def test_safetensors_round_trip(tmp_path):

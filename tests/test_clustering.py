@@ -8,7 +8,6 @@ from torch import nn
 
 from wakd.models import (
     NetVLAD,
-    centroid_file_name,
     kmeans_centroids,
     sample_local_features,
     write_centroid_file,
@@ -67,8 +66,7 @@ def test_kmeans_finds_separated_clusters_deterministically():
 
 
 def test_centroid_file_layout_and_atomic_write(tmp_path):
-    name = centroid_file_name("vgg16", "pitts30k", 4)
-    assert name == "vgg16_pitts30k_4_desc_cen.hdf5"
+    name = "vgg16_pitts30k_4_desc_cen.hdf5"
     path = tmp_path / name
     path.write_text("stale")
     centroids = np.random.default_rng(0).normal(size=(4, 8))

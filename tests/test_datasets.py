@@ -12,16 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from wakd.data.datasets import PlaceSplit, load_split, tokyo247_panorama_ids
+from wakd.data.datasets import MissingDatasetError, PlaceSplit, load_split, tokyo247_panorama_ids
 from wakd.data.ground_truth import radius_positives
 from wakd.data.images import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageListDataset,
     ImageLoadError,
     build_transform,
     decode_jpeg_at_size,
     load_rgb,
+    to_float,
     uint8_images,
 )
 from wakd.data.netvlad_mat import DbStruct, load_dbstruct, save_dbstruct
@@ -210,12 +209,12 @@ def test_names_outside_the_image_folder_are_refused(tmp_path: Path, bad: str) ->
         load_split("synthcity", tmp_path, "train", check_images=False)
 
 
-def test_missing_root_explains_tree_and_synthcity(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError) as err:
+def test_missing_root_explains_tree(tmp_path: Path) -> None:
+    with pytest.raises(MissingDatasetError) as err:
         load_split("pitts", tmp_path / "nowhere", "train", scale="30k")
     message = str(err.value)
     assert "nowhere" in message and "Pittsburgh/images" in message
-    assert "python -m wakd.data.synthcity --out datasets/data --preset demo" in message
+    assert "synthcity" not in message  # the entry scripts add it where no root was named
     with pytest.raises(FileNotFoundError, match=r"(?s)tokyoTM_train\.mat.*tokyoTM/images"):
         load_split("tokyotm", tmp_path, "train")
     with pytest.raises(ValueError, match="unknown dataset kind 'msls'"):
@@ -249,23 +248,20 @@ def _jpeg_bytes(size=(640, 480), color=(200, 30, 60)) -> bytes:
     return buf.getvalue()
 
 
-def test_transform_matches_manual_normalisation(tmp_path: Path) -> None:
+def test_transform_gives_unnormalised_0_1_pixels(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(_jpeg_bytes())
     Image.new("L", (50, 40), 128).save(tmp_path / "gray.png")
-    tf = build_transform((48, 64), train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    tf = build_transform((48, 64), train=False)
     ds = ImageListDataset([tmp_path / "a.jpg", str(tmp_path / "gray.png")], tf)
     image, index, valid = ds[0]
     assert image.shape == (3, 48, 64) and index == 0 and valid is True
     decoded = (
         np.asarray(Image.open(tmp_path / "a.jpg").convert("RGB"), dtype=np.float64)[240, 320] / 255
     )
-    expected = (decoded - IMAGENET_MEAN) / IMAGENET_STD
-    np.testing.assert_allclose(image[:, 24, 32].numpy(), expected, atol=0.05)
+    np.testing.assert_allclose(image[:, 24, 32].numpy(), decoded, atol=0.01)
     gray, _, _ = ds[1]
     assert gray.shape == (3, 48, 64)  # grayscale becomes 3 channels
-    np.testing.assert_allclose(
-        gray[:, 0, 0].numpy(), (128 / 255 - np.array(IMAGENET_MEAN)) / IMAGENET_STD, atol=1e-5
-    )
+    np.testing.assert_allclose(gray[:, 0, 0].numpy(), np.full(3, 128 / 255), atol=1e-7)
 
 
 def _noise_jpeg(path: Path, size=(80, 60), seed: int = 0) -> Path:
@@ -275,15 +271,15 @@ def _noise_jpeg(path: Path, size=(80, 60), seed: int = 0) -> Path:
 
 
 def _old_transform(image_size, train: bool):
-    """The transform before uint8 decoding: PIL steps, ToTensor, Normalize."""
+    """The transform before uint8 decoding: PIL steps, ToTensor (models normalise themselves)."""
     from torchvision import transforms as T
 
     steps = [T.Resize(image_size)] + ([T.ColorJitter(0.7, 0.7, 0.7, 0.5)] if train else [])
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([*steps, T.ToTensor()])
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_transform_equals_totensor_normalize(tmp_path: Path, train: bool) -> None:
+def test_transform_equals_totensor(tmp_path: Path, train: bool) -> None:
     image = Image.open(_noise_jpeg(tmp_path / "a.jpg")).convert("RGB")
     new, old = build_transform((48, 64), train=train), _old_transform((48, 64), train)
     for seed in range(3):  # the same colour jitter draws
@@ -292,13 +288,13 @@ def test_transform_equals_totensor_normalize(tmp_path: Path, train: bool) -> Non
         torch.manual_seed(seed)
         got = new(image)
         assert got.dtype == torch.float32 and got.is_contiguous()
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert torch.equal(got, expected)  # bit-identical
     if not train:  # not RGB: converted as load_rgb would
         gray = Image.new("L", (50, 40), 77)
-        torch.testing.assert_close(new(gray), old(gray.convert("RGB")), rtol=0, atol=1e-6)
+        assert torch.equal(new(gray), old(gray.convert("RGB")))
 
 
-def test_uint8_images_normalise_to_the_same_batch(
+def test_uint8_images_convert_to_the_same_batch(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from torch.utils.data import ConcatDataset, Subset
@@ -309,20 +305,17 @@ def test_uint8_images_normalise_to_the_same_batch(
     queries = ImageListDataset(paths[:2], tf, skip_corrupt=True)
     database = ImageListDataset([*paths[2:], tmp_path / "bad.jpg"], tf, skip_corrupt=True)
     dataset = Subset(ConcatDataset([queries, database]), [0, 2, 3, 5, 1])
-    converted = uint8_images(dataset)
-    assert converted is not None
-    raw, normalize = converted
+    raw = uint8_images(dataset)
+    assert raw is not None
     assert not queries.uint8 and not database.uint8  # the caller's datasets are untouched
     with caplog.at_level(logging.WARNING, logger="wakd.data.images"):
         items, raw_items = [dataset[i] for i in range(5)], [raw[i] for i in range(5)]
     assert [r[1:] for r in raw_items] == [r[1:] for r in items]  # same indices and validity
     assert all(r[0].dtype == torch.uint8 and r[0].shape == (3, 48, 64) for r in raw_items)
-    batch = normalize(torch.stack([r[0] for r in raw_items]))
-    valid = torch.tensor([r[2] for r in raw_items])
-    batch[~valid] = 0  # skipped images: zero, as the float path gives them
-    torch.testing.assert_close(batch, torch.stack([r[0] for r in items]), rtol=0, atol=1e-6)
-    # Other datasets, other transforms, mixed normalisations: no uint8 path.
-    other = ImageListDataset(paths, build_transform((48, 64), False, mean=(0.5,) * 3, std=(0.5,) * 3))
+    batch = to_float(torch.stack([r[0] for r in raw_items]))  # skipped images: zero, as the float path
+    assert torch.equal(batch, torch.stack([r[0] for r in items]))
+    # Other datasets and transforms: no uint8 path.
+    other = ImageListDataset(paths, lambda im: torch.zeros(3, 1, 1))
     assert uint8_images(ConcatDataset([queries, other])) is None
     assert uint8_images(ImageListDataset(paths, lambda im: torch.zeros(3, 1, 1))) is None
     assert uint8_images(torch.utils.data.TensorDataset(torch.zeros(2, 3, 4, 4))) is None

@@ -23,7 +23,7 @@ TINY_EVAL = [
     "num_workers=0",
     "batch_size=32",
 ]
-RESNET = ["model=resnet18", "model.net.num_clusters=8"]
+RESNET = ["model=resnet18", "model.weights=null", "model.net.num_clusters=8"]
 OUTPUTS = ("results.json", "predictions.npz", "retrievals.png", "recall_at_n.png", "attention.png")
 
 

@@ -162,7 +162,7 @@ def _image_files(tmp_path: Path, count: int) -> list[Path]:
 def test_extraction_of_image_files_equals_the_float_path(
     tmp_path: Path, num_workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Workers decode to uint8 and extraction normalises the batch: the very same network
+    """Workers decode to uint8 and extraction converts the batch to float: the very same network
     inputs as the datasets' own float images (corrupt ones included), so equal descriptors."""
     monkeypatch.setattr("wakd.eval.extract.cpu_workers", lambda n: n)  # a worker on any machine
     net = small_nets()["mobilenetv3"].eval()

@@ -21,7 +21,7 @@ PRETRAIN = [
     "experiment=pretrain_places",
     "dataset.image_size=[64,86]",
     "dataset.generate.preset=tiny",
-    "model=resnet18",
+    "model=resnet18", "model.weights=null",
     "pretrain.steps=300",
     "pretrain.steps_per_epoch=300",
     "pretrain.batch_size=16",
@@ -80,7 +80,7 @@ def test_trained_teacher_beats_untrained_network_on_test_split(pretrained, tiny_
     """The demo's teacher recipe at tiny scale: pretraining, then NetVLAD training (teacher=none),
     evaluated by eval.py on the held-out test split against the same untrained network."""
     seed, _, _, pretrain_dir = pretrained
-    model = ["model=resnet18", "model.net.num_clusters=8", f"seed={seed}"]
+    model = ["model=resnet18", "model.weights=null", "model.net.num_clusters=8", f"seed={seed}"]
     teacher_dir = tmp_path / "teacher"
     train.run(compose_cfg("train", [
         *TINY_TRAIN, *model, "experiment=demo_netvlad", "teacher=none", "train.first_passes=1", "optimizer.lr=1e-4",
@@ -101,7 +101,7 @@ def test_pretraining_checkpoint_loads_as_model_weights(tiny_data_dir: Path, tmp_
     pretrain.run(cfg)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    net = build_net(compose_cfg("train", ["model=resnet18", f"model.weights={ckpt}"], tiny_data_dir, tmp_path / "x").model)
+    net = build_net(compose_cfg("train", ["model=resnet18", "model.weights=null", f"model.weights={ckpt}"], tiny_data_dir, tmp_path / "x").model)
     for key, value in net.backbone.state_dict().items():
         assert torch.equal(value, saved[f"net.backbone.{key}"]), key
 

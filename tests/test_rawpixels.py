@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wakd.models.normalization import IMAGENET_MEAN, IMAGENET_STD
 from wakd.models.rawpixels import RawPixels
 
 
@@ -16,8 +17,18 @@ def test_unit_norm_and_dimension():
     assert gray(torch.rand(2, 3, 64, 86)).shape == (2, 12 * 16) == (2, gray.descriptor_dim)
 
 
+def test_same_descriptor_as_on_the_imagenet_normalised_images_it_was_given_before():
+    """Data pipelines used to normalise for every model: RawPixels now does it itself, with
+    the same arithmetic, so its descriptors (and Recall) are unchanged."""
+    x = torch.rand(3, 3, 96, 128)
+    before = RawPixels(input_norm={"mean": [0.0] * 3, "std": [1.0] * 3})  # the old model: no scaling
+    normalised = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(RawPixels()(x), before(normalised))
+
+
 def test_invariant_to_brightness_offset_and_gain():
-    model = RawPixels()
+    # Offset and gain of what the descriptor sees, i.e. after its input normalisation.
+    model = RawPixels(input_norm={"mean": [0.0] * 3, "std": [1.0] * 3})
     x = torch.rand(3, 3, 96, 128)
     base = model(x)
     torch.testing.assert_close(model(x + 0.2), base, atol=1e-5, rtol=1e-5)

@@ -38,7 +38,7 @@ TINY_EVAL = [
     "dataset=synthcity", "dataset.image_size=[64,86]", "dataset.generate.preset=tiny",
     "model=rawpixels", "num_workers=0", "batch_size=32", "plots=false",
 ]
-RESNET8 = ["model=resnet18", "model.net.num_clusters=8"]  # resnet18 layer3: D=256
+RESNET8 = ["model=resnet18", "model.weights=null", "model.net.num_clusters=8"]  # resnet18 layer3: D=256
 
 
 # --------------------------------------------------------------------------- helpers

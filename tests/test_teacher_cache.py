@@ -76,7 +76,7 @@ def test_cache_rejects_batches_without_image_ids() -> None:
 
 
 def test_wakd_run_with_teacher_cache(tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    teacher_overrides = ["teacher=resnet18", "teacher.net.num_clusters=8"]
+    teacher_overrides = ["teacher=resnet18", "teacher.weights=null", "teacher.net.num_clusters=8"]
     # A teacher checkpoint with random weights is enough here (no need to train one).
     cfg = compose_cfg("train", [*TINY_TRAIN, *teacher_overrides], tiny_data_dir, tmp_path / "unused")
     teacher_ckpt = tmp_path / "teacher.ckpt"
@@ -100,7 +100,7 @@ def test_wakd_run_with_teacher_cache(tiny_data_dir: Path, tmp_path: Path, monkey
     monkeypatch.setattr(PlaceModule, "fill_teacher_cache", spy_fill)
     monkeypatch.setattr(PlaceModule, "distill_targets", spy_targets)
     overrides = [
-        *TINY_TRAIN, "model=mobilenetv3_large", "model.net.cut=stride16", "model.net.proj_dim=64",
+        *TINY_TRAIN, "model=mobilenetv3_large", "model.weights=null", "model.net.cut=stride16", "model.net.proj_dim=64",
         "model.net.num_clusters=8", *teacher_overrides, f"teacher.ckpt={teacher_ckpt}", "teacher.cache=true",
     ]
     cfg = compose_cfg("train", overrides, tiny_data_dir, tmp_path / "run")

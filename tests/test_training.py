@@ -45,7 +45,7 @@ def test_wakd_run_freezes_teacher_and_trains_student(
     teacher_ckpt = baseline_run / "checkpoints" / "last.ckpt"
     overrides = [
         *TINY_TRAIN,
-        "model=mobilenetv3_large",
+        "model=mobilenetv3_large", "model.weights=null",
         "model.net.cut=stride16",
         "model.net.proj_dim=64",
         "model.net.num_clusters=8",
@@ -86,7 +86,7 @@ def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains(
 
 def test_batchnorm_momentum_option(tiny_data_dir: Path, tmp_path: Path) -> None:
     def momenta(*overrides: str) -> set[float]:
-        cfg = compose_cfg("train", ["model=mobilenetv3_large", "model.net.cut=stride16", *overrides], tiny_data_dir, tmp_path)
+        cfg = compose_cfg("train", ["model=mobilenetv3_large", "model.weights=null", "model.net.cut=stride16", *overrides], tiny_data_dir, tmp_path)
         return {m.momentum for m in build_net(cfg.model).backbone.features.modules() if isinstance(m, torch.nn.BatchNorm2d)}
 
     assert momenta() == {0.01}  # torchvision's

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from wakd.data.datasets import NO_DATA_HINT, MissingDatasetError
 from wakd.data.netvlad_mat import DatasetFormatError
 
 T = TypeVar("T")
@@ -49,6 +50,20 @@ def _expected_cause(exc: BaseException) -> BaseException | None:
     return exc if isinstance(exc, (*USER_ERRORS, pickle.UnpicklingError)) else None
 
 
+def no_data_hint(exc: BaseException, cfg: DictConfig) -> str:
+    """The synthetic-city suggestion for missing data, only where no data location was named.
+
+    A root given as ``dataset.root=`` or ``paths.data_dir=`` replaces the configs'
+    interpolations: that user wants that data, and is told only what is missing in it.
+    """
+    if not isinstance(exc, MissingDatasetError) or "dataset" not in cfg:
+        return ""
+    default_location = OmegaConf.is_interpolation(cfg.dataset, "root") and OmegaConf.is_interpolation(
+        cfg.paths, "data_dir"
+    )
+    return f"\n{NO_DATA_HINT}" if default_location else ""
+
+
 def run_job(job: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     try:
         return job(cfg)
@@ -56,5 +71,5 @@ def run_job(job: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         cause = _expected_cause(exc)
         if cause is None or os.environ.get("WAKD_DEBUG"):
             raise
-        print(f"error: {user_message(cause)}", file=sys.stderr)
+        print(f"error: {user_message(cause)}{no_data_hint(cause, cfg)}", file=sys.stderr)
         sys.exit(2)

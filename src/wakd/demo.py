@@ -35,9 +35,12 @@ REPO = Path(__file__).resolve().parents[2]
 # configs/model/mobilenetv3_large.yaml). Both learn their first features on freshly
 # rendered views of the city (DESIGN.md section 4); the WAKD student distils the teacher
 # from there on, with centred Grams (`distill.center`, bench/RESULTS.md "Distillation").
-TEACHER = ["model=resnet18", "model.net.num_clusters=32"]
+# No ImageNet weights here: every network starts from random weights (model.weights=null;
+# the NetVLAD stages then start from the pretraining checkpoint, a later override).
+TEACHER = ["model=resnet18", "model.weights=null", "model.net.num_clusters=32"]
 STUDENT = [
     "model=mobilenetv3_large",
+    "model.weights=null",
     "model.net.cut=stride16",
     "model.net.proj_dim=128",
     "model.net.num_clusters=32",

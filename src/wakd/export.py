@@ -3,8 +3,11 @@
     python -m wakd.export ckpt=PATH format=onnx|torchscript [out=PATH] [pca=PATH]
         [image_size=[480,640]]
 
-BatchNorm is folded into the convolutions first. ONNX: opset 17, input ``images``
-[B, 3, H, W] (batch, height and width dynamic), output ``descriptors`` [B, D]; run it
+BatchNorm is folded into the convolutions first. The input is RGB pixels as float32 in
+[0, 1] (``ToTensor``'s scale, un-normalised): the model's own input normalisation
+(ImageNet's, OpenIBL's MatConvNet scale, ...) is part of the exported graph.
+ONNX: opset 17, input ``images`` [B, 3, H, W] (batch, height and width dynamic),
+output ``descriptors`` [B, D]; run it
 with ``wakd.models.inference.OnnxDescriptorNet`` (``eval.py backend=onnxruntime``).
 TorchScript: traced, ``torch.jit.load(path)(images)``. The exported model is
 checked against the PyTorch network on random images before it replaces ``out``.
@@ -79,13 +82,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.pca:
         if not isinstance(net, PlaceNet):
             raise ValueError(f"pca={cfg.pca}: {type(net).__name__} has no NetVLAD to whiten")
-        pca = PCAWhitening.load(cfg.pca)
-        if pca.mean.shape[0] != net.descriptor_dim:
-            raise ValueError(
-                f"{cfg.pca}: PCA expects {pca.mean.shape[0]}-d descriptors, "
-                f"the network makes {net.descriptor_dim}-d ones"
-            )
-        net.pca = pca
+        net.pca = PCAWhitening.load(cfg.pca, in_dim=net.descriptor_dim)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_suffix(SUFFIXES[cfg.format])
     error = export_descriptor_net(net, out, cfg.format, tuple(cfg.image_size))
     print(

@@ -18,21 +18,23 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from wakd.data.datasets import PlaceSplit, load_split
-from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform
-from wakd.data.mining import Tuple, TupleMiner
+from wakd.data.images import ImageListDataset, build_transform
+from wakd.data.mining import MinedTuple, TupleMiner
 from wakd.eval.extract import extract_descriptors, split_descriptors
 
 
 class TupleDataset(Dataset):
     """Mined tuples: images ``[T, 3, H, W]`` and their global image ids ``[T]`` per item.
 
-    T = 1 + pos_num + neg_num (anchor query, positives, negatives). A global id indexes
+    T = 2 + neg_num + pos_num, in the reference's order: anchor query, hard-loss positive,
+    negatives, then the soft-loss positives (the nearest positive may appear twice, as in
+    the reference, when it is also a soft-loss positive). A global id indexes
     the split's queries followed by its database images, the order of :func:`split_images`
     (and so of the mining descriptors and the teacher cache): query q is q, database
     image j is ``num_queries + j``.
     """
 
-    def __init__(self, split: PlaceSplit, tuples: Sequence[Tuple], transform: Any, skip_corrupt: bool) -> None:
+    def __init__(self, split: PlaceSplit, tuples: Sequence[MinedTuple], transform: Any, skip_corrupt: bool) -> None:
         self.tuples = list(tuples)
         self.num_queries = split.num_queries
         self.queries = ImageListDataset(split.q_paths, transform, skip_corrupt=skip_corrupt)
@@ -43,7 +45,7 @@ class TupleDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.tuples[i]
-        db = np.concatenate([t.positives, t.negatives]).astype(np.int64)
+        db = np.concatenate([[t.hard_positive], t.negatives, t.positives]).astype(np.int64)
         images = [self.queries[t.query][0]] + [self.database[int(j)][0] for j in db]
         ids = torch.from_numpy(np.concatenate([[t.query], db + self.num_queries]).astype(np.int64))
         return torch.stack(images), ids
@@ -95,17 +97,20 @@ class TupleDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.skip_corrupt = skip_corrupt
         self.seed = seed
-        self.train_transform = build_transform(self.image_size, train=augment, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        self.eval_transform = build_transform(self.image_size, train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self.train_transform = build_transform(self.image_size, train=augment)
+        self.eval_transform = build_transform(self.image_size, train=False)
         self.train_split: PlaceSplit | None = None
         self.val_split: PlaceSplit | None = None
         self.miner: TupleMiner | None = None
         self._miner_state: dict | None = None
-        self._round: tuple[int, list[Tuple]] | None = None  # (round index, its mined tuples)
+        self._round: tuple[int, list[MinedTuple]] | None = None  # (round index, its mined tuples)
 
     def _load(self, split: str) -> PlaceSplit:
         cfg = self.dataset_cfg
-        return load_split(cfg["kind"], cfg["root"], cfg["splits"][split], scale=cfg.get("scale"))
+        return load_split(
+            cfg["kind"], cfg["root"], cfg["splits"][split],
+            scale=cfg.get("scale"), pos_dist_thr=cfg.get("pos_dist_thr"),
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_split is None:
@@ -130,7 +135,7 @@ class TupleDataModule(L.LightningDataModule):
 
     def mine_round(
         self, net: torch.nn.Module, round_index: int, device: torch.device, rerank: bool = False
-    ) -> list[Tuple]:
+    ) -> list[MinedTuple]:
         """Describe every training image with ``net`` and mine this round's tuples.
 
         ``rerank``: choose positives by k-reciprocal re-ranking (SFRS, generations >= 1).

@@ -7,6 +7,7 @@ or the UTM folder layout of newer VPR code (MSLS, Nordland, SF-XL, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from wakd.data.netvlad_mat import DatasetFormatError, DbStruct, load_dbstruct
 
 KINDS = ("pitts", "tokyo247", "tokyotm", "synthcity", "folder")
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Appended by the entry scripts (wakd.cli) only where the user left the data location at its
+# default: whoever named a root wants that data, not another dataset.
 NO_DATA_HINT = (
     "no data? try dataset=synthcity "
     "(python -m wakd.data.synthcity --out datasets/data --preset demo)"
@@ -37,6 +40,10 @@ EXPECTED_TREES = {
     "folder": "<root>/images/{train,val,test}/database/@<utm_east>@<utm_north>@...@.jpg\n"
     "<root>/images/{train,val,test}/queries/@<utm_east>@<utm_north>@...@.jpg",
 }
+
+
+class MissingDatasetError(FileNotFoundError):
+    """A dataset root, split specification or split folder is absent (a missing image is not)."""
 
 
 @dataclass(eq=False)
@@ -137,30 +144,56 @@ def load_split(
     split: str,
     scale: str | None = None,
     check_images: bool = True,
+    pos_dist_thr: float | None = None,
 ) -> PlaceSplit:
     """Load one split of a dataset of ``kind`` (see ``KINDS``) from its ``raw`` folder ``root``.
 
     ``scale`` ('30k' or '250k') selects the Pittsburgh variant. With ``check_images``
-    every referenced image must exist.
+    every referenced image must exist. ``pos_dist_thr`` (metres) replaces the evaluation
+    radius (the .mat's posDistThr, 25 m for the folder format).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown dataset kind '{kind}'; choose one of {', '.join(KINDS)}")
+    _check_kind(kind)
+    if pos_dist_thr is not None and not float(pos_dist_thr) > 0:
+        raise ValueError(
+            f"pos_dist_thr={pos_dist_thr} (dataset.pos_dist_thr): the positive radius must be "
+            "a positive number of metres"
+        )
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"dataset root {root} does not exist. Expected for '{kind}':\n"
-            f"{EXPECTED_TREES[kind]}\n{NO_DATA_HINT}"
+        raise MissingDatasetError(
+            f"dataset root {root} does not exist. Expected for '{kind}':\n{EXPECTED_TREES[kind]}"
         )
     if kind == "folder":
         place_split = _load_folder(root, split)
     else:
         place_split = _load_mat_split(kind, root, split, scale)
+    if pos_dist_thr is not None:
+        place_split = dataclasses.replace(place_split, eval_radius=float(pos_dist_thr))
     if check_images:
         _check_images_exist(place_split)
     return place_split
 
 
-def _load_mat_split(kind: str, root: Path, split: str, scale: str | None) -> PlaceSplit:
+def split_files(kind: str, root: str | os.PathLike, split: str, scale: str | None = None) -> list[Path]:
+    """The files or folders that define a split: its .mat, or its database and query folders.
+
+    Lets a caller ask whether a split is there at all (as opposed to incomplete, which
+    ``load_split`` reports image by image).
+    """
+    _check_kind(kind)
+    root = Path(root).expanduser().absolute()
+    if kind == "folder":
+        return [root / "images" / split / "database", root / "images" / split / "queries"]
+    return [root / _mat_layout(kind, root, split, scale)[1]]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind '{kind}'; choose one of {', '.join(KINDS)}")
+
+
+def _mat_layout(kind: str, root: Path, split: str, scale: str | None) -> tuple[str, str, str, str]:
+    """(dataset name, .mat file name, database folder, query folder) of a NetVLAD-format split."""
     if kind == "pitts":
         if scale not in ("30k", "250k"):
             raise ValueError(f"Pittsburgh needs scale='30k' or '250k', got {scale!r}")
@@ -176,12 +209,16 @@ def _load_mat_split(kind: str, root: Path, split: str, scale: str | None) -> Pla
     else:
         name, mat_name = "synthcity", f"synthcity_{split}.mat"
         db_dir, q_dir = "images", "queries"
+    return name, mat_name, db_dir, q_dir
 
+
+def _load_mat_split(kind: str, root: Path, split: str, scale: str | None) -> PlaceSplit:
+    name, mat_name, db_dir, q_dir = _mat_layout(kind, root, split, scale)
     mat_path = root / mat_name
     if not mat_path.is_file():
-        raise FileNotFoundError(
+        raise MissingDatasetError(
             f"dataset specification {mat_path} not found. Expected for '{kind}':\n"
-            f"{EXPECTED_TREES[kind]}\n{NO_DATA_HINT}"
+            f"{EXPECTED_TREES[kind]}"
         )
     db = load_dbstruct(mat_path)
     db_rel = [_inside(root, db_dir, fn, mat_path) for fn in db.db_image_fns]
@@ -274,9 +311,8 @@ def _list_utm_folder(root: Path, folder: Path) -> tuple[list[str], np.ndarray]:
     """Images below ``root/folder`` in sorted order, with UTM parsed from '@east@north@...'."""
     directory = root / folder
     if not directory.is_dir():
-        raise FileNotFoundError(
-            f"{directory} does not exist. Expected for 'folder':\n"
-            f"{EXPECTED_TREES['folder']}\n{NO_DATA_HINT}"
+        raise MissingDatasetError(
+            f"{directory} does not exist. Expected for 'folder':\n{EXPECTED_TREES['folder']}"
         )
     rel = sorted(
         p.relative_to(root).as_posix()
@@ -284,7 +320,7 @@ def _list_utm_folder(root: Path, folder: Path) -> tuple[list[str], np.ndarray]:
         if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file()
     )
     if not rel:
-        raise FileNotFoundError(f"{directory} holds no .jpg/.png images")
+        raise MissingDatasetError(f"{directory} holds no .jpg/.png images")
     utm = np.empty((len(rel), 2), dtype=np.float64)
     for i, r in enumerate(rel):
         parts = Path(r).name.split("@")

@@ -1,4 +1,8 @@
-"""Image decoding and transforms shared by training, mining and evaluation."""
+"""Image decoding and transforms shared by training, mining and evaluation.
+
+Images leave here as float32 RGB in [0, 1], never normalised: each network normalises
+its input itself, as its weights expect (``wakd.models.normalization``).
+"""
 
 from __future__ import annotations
 
@@ -17,35 +21,28 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class ImageLoadError(OSError):
     """An image file is missing, truncated or not an image."""
 
 
 class ImageTransform:
-    """PIL image -> normalised tensor [3, H, W]; remembers its output size for fast decoding.
+    """PIL image -> float32 tensor [3, H, W] in [0, 1]; remembers its output size for fast
+    decoding.
 
     Two stages, so that extraction can keep the float work out of DataLoader workers:
     ``to_uint8`` (the PIL steps, i.e. resize and colour jitter, then a uint8 tensor) and
-    ``normalize`` (uint8 images or batches -> float32 ``(x / 255 - mean) / std``, the very
-    arithmetic of ``ToTensor`` + ``Normalize``, so bit-identical to them). A transform is
-    ``normalize(to_uint8(image))``.
+    ``to_float`` (uint8 images or batches -> float32 ``x / 255``, the very arithmetic of
+    ``ToTensor``, so bit-identical to it). A transform is ``to_float(to_uint8(image))``.
     """
 
     def __init__(
         self,
         image_size: tuple[int, int] | None,
         steps: Sequence[Callable[[Image.Image], Image.Image]],
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         self.image_size = image_size  # (H, W), or None to keep each image's size
         self.compose = T.Compose(list(steps))  # PIL -> PIL
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
 
     @property
     def only_resizes(self) -> bool:
@@ -62,38 +59,32 @@ class ImageTransform:
         chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         return chw.contiguous() if contiguous else chw
 
-    def normalize(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 images [..., 3, H, W] -> float32 ``(images / 255 - mean) / std``, in a new
-        tensor or in ``out`` (float32, same shape: reusing it saves fresh pages per batch)."""
-        mean = torch.tensor(self.mean, device=images.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(3, 1, 1)
-        floats = images.to(torch.float32) if out is None else out.copy_(images)
-        return floats.div_(255).sub_(mean).div_(std)
-
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.normalize(self.to_uint8(image))
+        return to_float(self.to_uint8(image))
 
     def __repr__(self) -> str:
-        return (
-            f"ImageTransform(image_size={self.image_size}, {self.compose}, "
-            f"Normalize(mean={self.mean}, std={self.std}))"
-        )
+        return f"ImageTransform(image_size={self.image_size}, {self.compose}, to_float)"
+
+
+def to_float(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] -> float32 ``images / 255`` (``ToTensor``'s arithmetic), in
+    a new tensor or in ``out`` (float32, same shape: reusing it saves fresh pages per batch)."""
+    floats = images.to(torch.float32) if out is None else out.copy_(images)
+    return floats.div_(255)
 
 
 def build_transform(
     image_size: tuple[int, int] | None,
     train: bool,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
     color_jitter: tuple[float, float, float, float] = (0.7, 0.7, 0.7, 0.5),
 ) -> ImageTransform:
-    """Resize to ``image_size`` (H, W), colour-jitter when ``train``, to tensor, normalise."""
+    """Resize to ``image_size`` (H, W), colour-jitter when ``train``, to a 0-1 float tensor."""
     steps: list[Callable[[Image.Image], Image.Image]] = []
     if image_size is not None:
         steps.append(T.Resize(tuple(image_size)))
     if train:
         steps.append(T.ColorJitter(*color_jitter))
-    return ImageTransform(None if image_size is None else tuple(image_size), steps, mean, std)
+    return ImageTransform(None if image_size is None else tuple(image_size), steps)
 
 
 def load_rgb(path: str | os.PathLike, size_hint: tuple[int, int] | None = None) -> Image.Image:
@@ -131,7 +122,7 @@ def decode_jpeg_at_size(path: str | os.PathLike, size: tuple[int, int] | None) -
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
-    """Images already decoded and normalised in memory [N, 3, H, W], as ImageListDataset's
+    """Images already decoded in memory [N, 3, H, W] (0-1 floats), as ImageListDataset's
     items ``(image, index, valid)``: for extraction from tensors (benchmarks, tests)."""
 
     def __init__(self, images: torch.Tensor) -> None:
@@ -147,8 +138,8 @@ class TensorImageDataset(torch.utils.data.Dataset):
 class ImageListDataset(torch.utils.data.Dataset):
     """Images of a list of paths, as (image [3, H, W], index, valid).
 
-    ``uint8=True`` (needs an ``ImageTransform``): images stay uint8, unnormalised, and
-    ``transform.normalize`` finishes them, batched (see ``uint8_images``).
+    ``uint8=True`` (needs an ``ImageTransform``): images stay uint8 and ``to_float``
+    finishes them, batched (see ``uint8_images``).
     """
 
     def __init__(
@@ -188,36 +179,24 @@ class ImageListDataset(torch.utils.data.Dataset):
         return self.transform(image), i, True
 
 
-def uint8_images(dataset: Dataset) -> tuple[Dataset, Callable[[torch.Tensor], torch.Tensor]] | None:
-    """A copy of ``dataset`` whose images come uint8, and the batch normalisation that
-    completes them: ``normalize(uint8 batch)`` equals the batch of ``dataset`` exactly
-    (apart from skipped corrupt images: zero there, to be zeroed after normalising).
+def uint8_images(dataset: Dataset) -> Dataset | None:
+    """A copy of ``dataset`` whose images come uint8: ``to_float(uint8 batch)`` equals the
+    batch of ``dataset`` exactly (apart from skipped corrupt images: zero there too).
 
-    Decoding to uint8 and normalising the batch in the consumer cuts a DataLoader
+    Decoding to uint8 and converting the batch in the consumer cuts a DataLoader
     worker's float work and its traffic to the main process fourfold
     (bench/p2_extraction.py). ``dataset`` is an ``ImageListDataset`` with an
-    ``ImageTransform``, or ``Subset`` / ``ConcatDataset`` of such, all with the same
-    mean and std; anything else gives None (use ``dataset`` as it is).
+    ``ImageTransform``, or ``Subset`` / ``ConcatDataset`` of such; anything else gives
+    None (use ``dataset`` as it is).
     """
-    norms: set[tuple[tuple[float, ...], tuple[float, ...]]] = set()
-    transforms: list[ImageTransform] = []
-
-    def convert(ds: Dataset) -> Dataset | None:
-        if isinstance(ds, ImageListDataset) and isinstance(ds.transform, ImageTransform):
-            norms.add((ds.transform.mean, ds.transform.std))
-            transforms.append(ds.transform)
-            raw = copy.copy(ds)
-            raw.uint8 = True
-            return raw
-        if isinstance(ds, Subset):
-            inner = convert(ds.dataset)
-            return None if inner is None else Subset(inner, ds.indices)
-        if isinstance(ds, ConcatDataset):
-            parts = [convert(d) for d in ds.datasets]
-            return None if any(p is None for p in parts) else ConcatDataset(parts)  # type: ignore[arg-type]
-        return None
-
-    converted = convert(dataset)
-    if converted is None or len(norms) != 1:
-        return None
-    return converted, transforms[0].normalize
+    if isinstance(dataset, ImageListDataset) and isinstance(dataset.transform, ImageTransform):
+        raw = copy.copy(dataset)
+        raw.uint8 = True
+        return raw
+    if isinstance(dataset, Subset):
+        inner = uint8_images(dataset.dataset)
+        return None if inner is None else Subset(inner, dataset.indices)
+    if isinstance(dataset, ConcatDataset):
+        parts = [uint8_images(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else ConcatDataset(parts)  # type: ignore[arg-type]
+    return None

@@ -1,13 +1,15 @@
 """Weakly supervised tuple mining (NetVLAD / SARE / SFRS).
 
 Only GPS is known, so a training tuple is built in descriptor space: the anchor query,
-its ``pos_num`` nearest positives (within 10 m; the first one feeds the hard loss) and
+its nearest positive (within 10 m, by the current descriptors: it feeds the hard loss),
 its ``neg_num`` hardest negatives (beyond 25 m) drawn from ``neg_pool`` random
-candidates plus the negatives this query had last time.
+candidates plus the negatives this query had last time, and ``pos_num`` positives for
+the SFRS soft loss.
 
-With ``rerank=True`` (SFRS, from generation 1) the ``pos_pool`` nearest positives are
-re-ranked by the k-reciprocal distance (:mod:`wakd.data.rerank`) over all training
-queries and database images before the ``pos_num`` are taken.
+The soft-loss positives are the ``pos_num`` nearest; with ``rerank=True`` (SFRS, from
+generation 1) the ``pos_pool`` nearest are first re-ranked by the k-reciprocal distance
+(:mod:`wakd.data.rerank`) over all training queries and database images. The hard-loss
+positive is always the nearest by the original distance, as in the reference.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ POSITIVE_SELECTIONS = ("top", "gain")
 
 
 @dataclass(frozen=True)
-class Tuple:
+class MinedTuple:
     query: int  # query index in the split
-    positives: np.ndarray  # [pos_num] db indices, nearest (or best re-ranked) first; [0] feeds the hard loss
+    hard_positive: int  # db index of the nearest positive by the original distance (hard loss)
     negatives: np.ndarray  # [neg_num] db indices, hardest first
+    positives: np.ndarray  # [pos_num] db indices for the soft loss, nearest (or best re-ranked) first
 
 
 def select_positives(pool: np.ndarray, reranked: np.ndarray | None, pos_num: int, rule: str = "top") -> np.ndarray:
@@ -90,7 +93,7 @@ class TupleMiner:
         rng: np.random.Generator,
         rerank: bool = False,
         device: torch.device | str = "cpu",
-    ) -> list[Tuple]:
+    ) -> list[MinedTuple]:
         """Build one tuple per query from current descriptors (``[M, D]``, ``[N, D]``).
 
         ``rerank``: choose positives by the k-reciprocal distance (computed on ``device``).
@@ -132,7 +135,7 @@ class TupleMiner:
             hardest = np.argpartition(neg_dist, self.neg_num - 1)[: self.neg_num]
             negatives = candidates[hardest[np.argsort(neg_dist[hardest], kind="stable")]]
             self.last_negatives[q] = negatives
-            tuples.append(Tuple(q, positives.astype(np.int64), negatives.astype(np.int64)))
+            tuples.append(MinedTuple(q, int(pos_pool[0]), negatives.astype(np.int64), positives.astype(np.int64)))
         return tuples
 
     def state_dict(self) -> dict[str, torch.Tensor]:

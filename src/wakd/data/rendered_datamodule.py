@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wakd.data.datamodule import split_images
 from wakd.data.datasets import PlaceSplit, load_split
-from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from wakd.data.images import build_transform
 from wakd.data.synthcity import RenderedPlaces
 
 
@@ -51,5 +51,5 @@ class RenderedPlacesDataModule(L.LightningDataModule):
 
     def val_images(self) -> Dataset:
         assert self.val_split is not None
-        transform = build_transform(self.image_size, train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        transform = build_transform(self.image_size, train=False)
         return split_images(self.val_split, transform)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from wakd.data.images import uint8_images
+from wakd.data.images import to_float, uint8_images
 from wakd.models.inference import OnnxDescriptorNet, optimize_for_inference
 from wakd.models.modes import evaluating
 
@@ -74,27 +74,27 @@ def extract_descriptors(
     ``optimize``: on the CPU, describe with BatchNorm folded and ONNX Runtime (about 7x
     eager fp32 for the student, descriptors within 1e-4; bench/p1_speedup.py).
 
-    Images of ``ImageListDataset``s (also inside ``Subset`` / ``ConcatDataset``) are
-    decoded to uint8 and normalised here, batched, on ``device`` (into one reused buffer
-    on the CPU): the same tensors, with a quarter of a worker's float work and
-    inter-process traffic. On the CPU the forward already uses ``torch.get_num_threads()``
-    cores, so at most one worker per free core runs (``cpu_workers``): a worker on a busy
-    core only steals cycles from the forward, and decoding inline is cheaper. With ONNX
+    Images are 0-1 pixels: ``net`` normalises them itself. Images of ``ImageListDataset``s
+    (also inside ``Subset`` / ``ConcatDataset``) are decoded to uint8 and converted to
+    float here, batched, on ``device`` (into one reused buffer on the CPU): the same
+    tensors, with a quarter of a worker's float work and inter-process traffic. On the
+    CPU the forward already uses ``torch.get_num_threads()`` cores, so at most one worker
+    per free core runs (``cpu_workers``): a worker on a busy core only steals cycles
+    from the forward, and decoding inline is cheaper. With ONNX
     Runtime (its own threads) the few PyTorch operations of the loop (collation,
-    normalisation, fp16) run single-threaded: on busy cores OpenMP's barriers made them
+    float conversion, fp16) run single-threaded: on busy cores OpenMP's barriers made them
     slower than the forward itself on small images (bench/p2_extraction.py).
     """
     rank, world = _world()
     total = len(dataset)  # type: ignore[arg-type]
     device = torch.device(device)
     raw = uint8_images(dataset)
-    images, normalize = raw if raw is not None else (dataset, None)
-    shard = Subset(images, list(range(rank, total, world)))
+    shard = Subset(raw if raw is not None else dataset, list(range(rank, total, world)))
     if device.type == "cpu":
         num_workers = cpu_workers(num_workers)
     if optimize and device.type == "cpu" and len(shard):
         example = shard[0][0][None]
-        net = optimize_for_inference(net, normalize(example) if normalize else example)
+        net = optimize_for_inference(net, to_float(example) if raw is not None else example)
     loader = DataLoader(
         shard,
         batch_size=batch_size,
@@ -105,22 +105,20 @@ def extract_descriptors(
     )
     chunks: list[torch.Tensor] = []
     valid_chunks: list[torch.Tensor] = []
-    buffer: torch.Tensor | None = None  # normalised batches on the CPU, reused
+    buffer: torch.Tensor | None = None  # float batches on the CPU, reused
     own_threads = isinstance(net, OnnxDescriptorNet)
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False, unit="batch")
     with evaluating(net), torch_threads(1) if own_threads else contextlib.nullcontext():
         for batch, _, valid in bar:
             batch = batch.to(device, non_blocking=True)
-            if normalize is not None:
+            if raw is not None:
                 out = None
                 if device.type == "cpu":
                     if buffer is None or buffer.shape[1:] != batch.shape[1:] or len(buffer) < len(batch):
                         buffer = torch.empty(batch.shape, dtype=torch.float32)
                     out = buffer[: len(batch)]
-                batch = normalize(batch, out=out)
-                if not valid.all():  # as ImageListDataset's own zero images of skipped files
-                    batch[~valid.to(device)] = 0
+                batch = to_float(batch, out=out)
             chunks.append(net(batch).to(torch.float16))
             valid_chunks.append(valid.to(device))
     seconds = time.perf_counter() - start

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageListDataset, build_transform
+from wakd.data.images import ImageListDataset, build_transform
 from wakd.jobs.common import load_dataset_split
 from wakd.models.clustering import kmeans_centroids, sample_local_features, write_centroid_file
 from wakd.models.place_net import PlaceNet
@@ -32,7 +32,7 @@ def compute_centroids(
     split = load_dataset_split(dataset, "train")
     paths = [*split.q_paths, *split.db_paths]
     chosen = np.random.default_rng(seed).choice(len(paths), size=min(num_images, len(paths)), replace=False)
-    transform = build_transform(tuple(dataset.image_size), train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = build_transform(tuple(dataset.image_size), train=False)
     images = Subset(ImageListDataset(paths, transform, skip_corrupt=skip_corrupt), sorted(chosen.tolist()))
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     with torch.no_grad():

@@ -32,7 +32,10 @@ def load_dataset_split(dataset: DictConfig, which: str) -> PlaceSplit:
     if split is None:
         raise ValueError(f"dataset '{dataset.name}' has no {which} split (it is evaluation-only)")
     ensure_dataset(dataset)
-    return load_split(dataset.kind, dataset.root, split, scale=dataset.get("scale"))
+    return load_split(
+        dataset.kind, dataset.root, split,
+        scale=dataset.get("scale"), pos_dist_thr=dataset.get("pos_dist_thr"),
+    )
 
 
 def weights_tag(weights: str | None) -> str:
@@ -47,8 +50,28 @@ def weights_tag(weights: str | None) -> str:
     return f"_{path.stem}-{file_digest(path, 8)}"
 
 
-# Config files name centroid files with ${weights_tag:${model.weights}}.
-OmegaConf.register_new_resolver("weights_tag", weights_tag, replace=True)
+def centroid_file_name(model: DictConfig, dataset: str, seed: int) -> str:
+    """NetVLAD centroid file for ``model`` on ``dataset``, named by everything that decides
+    its dense features: the reference's ``{arch}_{dataset}_{K}_desc_cen.hdf5`` with the
+    cut, the projection width and a non-ImageNet input normalisation after the arch, and
+    the weights (``weights_tag``) and, for random weights, the seed after K."""
+    net = model.net
+    arch = [str(model.name)]
+    if net.get("cut") is not None:
+        arch.append(str(net.cut))
+    if net.get("proj_dim") is not None:
+        arch.append(f"p{net.proj_dim}")
+    if net.get("input_norm") not in (None, "imagenet"):
+        arch.append(f"norm-{net.input_norm}")
+    random_seed = f"_seed{seed}" if model.get("weights") is None else ""
+    return (
+        f"{'_'.join(arch)}_{dataset}_{net.num_clusters}{weights_tag(model.get('weights'))}"
+        f"{random_seed}_desc_cen.hdf5"
+    )
+
+
+# Config files name centroid files with ${centroid_file:${model},${dataset.name},${seed}}.
+OmegaConf.register_new_resolver("centroid_file", centroid_file_name, replace=True)
 
 
 def file_digest(path: str | os.PathLike, length: int = 16) -> str:

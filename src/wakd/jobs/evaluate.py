@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -12,15 +13,14 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from wakd.data.datamodule import split_images
-from wakd.data.datasets import PlaceSplit, load_split
-from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from wakd.data.datasets import PlaceSplit, load_split, split_files
+from wakd.data.images import build_transform
 from wakd.eval.evaluate import Retrieval, evaluate_split
 from wakd.eval.extract import extract_descriptors
 from wakd.eval.plots import pick_examples, plot_attention, plot_recall_curve, plot_retrievals
 from wakd.eval.report import recall_table, write_predictions, write_results
 from wakd.jobs.common import (
     build_net,
-    ensure_dataset,
     file_digest,
     load_dataset_split,
     model_config_for,
@@ -32,39 +32,93 @@ from wakd.models.place_net import PlaceNet
 
 
 def _transform(cfg: DictConfig):
-    return build_transform(tuple(cfg.dataset.image_size), train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return build_transform(tuple(cfg.dataset.image_size), train=False)
 
 
-def pca_cache_path(cfg: DictConfig, out_dim: int) -> Path:
-    """Beside the checkpoint, keyed by its hash and the PCA settings (log_dir for untrained nets)."""
+PCA_FIT_CHOICES = ("auto", "train", "database")
+
+
+def resolve_pca_fit(cfg: DictConfig) -> str:
+    """What ``pca_fit`` asks for on this dataset: 'train', 'database' or a PCA file's path.
+
+    'auto' is 'train' (``dataset.pca_source``: the train split, Pitts30k-train for Pitts and
+    Tokyo 24/7) where that split exists and otherwise 'database', said in one line, so that
+    evaluation-only datasets work with the defaults.
+    """
+    choice = str(cfg.pca_fit)
+    if choice not in PCA_FIT_CHOICES:
+        if not Path(choice).is_file():
+            raise FileNotFoundError(
+                f"pca_fit={choice}: no such PCA file; choose {', '.join(PCA_FIT_CHOICES)} or a "
+                "PCA .safetensors file written by eval.py (results.json's pca_file)"
+            )
+        return choice
+    if choice == "database":
+        return choice
     source = cfg.dataset.pca_source
-    key = f"{source.kind}{source.scale or ''}-{source.split}-{out_dim}-{cfg.pca_max_images}"
+    missing = [p for p in split_files(source.kind, source.root, source.split, source.scale) if not p.exists()]
+    if not missing:
+        return "train"
+    if choice == "auto":
+        print(
+            f"pca_fit=auto: {missing[0]} not found, so PCA is fitted on the database of the "
+            f"{cfg.split} split instead (pca_fit=PATH reuses a PCA fitted elsewhere)"
+        )
+        return "database"
+    raise FileNotFoundError(
+        f"PCA (pca_fit=train) needs {missing[0]}: pass pca_fit=database, pca_fit=PATH "
+        "(a PCA file eval.py wrote) or pca=false"
+    )
+
+
+def pca_cache_path(cfg: DictConfig, source: str, root: str | Path, in_dim: int, out_dim: int) -> Path:
+    """Beside the checkpoint, keyed by its hash and the PCA settings (log_dir for untrained nets).
+
+    ``source`` names the fitting images; the digest of their ``root`` keeps apart datasets
+    of one kind (two folder-format datasets).
+    """
+    root_digest = hashlib.sha256(str(Path(root).absolute()).encode()).hexdigest()[:8]
+    key = f"{source}-{root_digest}-{in_dim}to{out_dim}-{cfg.pca_max_images}"
     if cfg.ckpt:
         ckpt = Path(cfg.ckpt)
         return ckpt.with_name(f"{ckpt.stem}.pca-{file_digest(ckpt)}-{key}.safetensors")
     return Path(cfg.paths.log_dir) / "pca" / f"untrained-{cfg.model.name}-seed{cfg.seed}-{key}.safetensors"
 
 
-def fit_pca(net: PlaceNet, cfg: DictConfig) -> PCAWhitening:
-    """PCA-whitening fitted on at most ``pca_max_images`` training-split descriptors, cached."""
-    source = cfg.dataset.pca_source
-    if source.kind == cfg.dataset.kind and source.get("root") == cfg.dataset.root:
-        ensure_dataset(cfg.dataset)
-    split = load_split(source.kind, source.root, source.split, scale=source.scale)
-    images = split_images(split, _transform(cfg))
-    n = min(cfg.pca_max_images, len(images))
-    out_dim = min(cfg.pca_dim, n - 1, net.descriptor_dim)
-    path = pca_cache_path(cfg, out_dim)
+def fit_pca(net: PlaceNet, cfg: DictConfig, split: PlaceSplit) -> tuple[PCAWhitening, str, Path]:
+    """PCA-whitening as ``pca_fit`` asks, for evaluating ``split``: (PCA, resolved pca_fit, file).
+
+    Fitted on at most ``pca_max_images`` descriptors and cached; 'database' fits on the
+    split's database images only, never on the queries being evaluated.
+    """
+    fit = resolve_pca_fit(cfg)
+    in_dim = net.descriptor_dim
+    if fit not in PCA_FIT_CHOICES:
+        return PCAWhitening.load(fit, in_dim=in_dim), fit, Path(fit)
+    if fit == "train":
+        source = cfg.dataset.pca_source
+        fit_split = load_split(source.kind, source.root, source.split, scale=source.scale)
+        # Queries and database images alike, as the reference (OpenIBL) fits it.
+        candidates = np.arange(fit_split.num_queries + fit_split.num_db)
+        name = f"{source.kind}{source.scale or ''}-{source.split}"
+    else:
+        fit_split = split
+        candidates = split.num_queries + np.arange(split.num_db)  # split_images: queries first
+        name = f"{cfg.dataset.kind}{cfg.dataset.scale or ''}-{split.split}-database"
+    n = min(cfg.pca_max_images, len(candidates))
+    out_dim = min(cfg.pca_dim, n - 1, in_dim)
+    path = pca_cache_path(cfg, name, fit_split.root, in_dim, out_dim)
     if path.is_file():
-        return PCAWhitening.load(path)
-    chosen = np.sort(np.random.default_rng(cfg.seed).choice(len(images), size=n, replace=False))
+        return PCAWhitening.load(path, in_dim=in_dim), fit, path
+    chosen = np.sort(np.random.default_rng(cfg.seed).choice(candidates, size=n, replace=False))
+    images = split_images(fit_split, _transform(cfg), cfg.skip_corrupt)
     extraction = extract_descriptors(
         net, Subset(images, chosen.tolist()), batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, desc="describe PCA training images",
     )
     pca = PCAWhitening.fit(torch.from_numpy(extraction.descriptors[extraction.valid]).float(), out_dim)
     pca.save(path)
-    return pca
+    return pca, fit, path
 
 
 def _thumbnail(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -124,8 +178,9 @@ def run(cfg: DictConfig) -> dict[int, float]:
         centroids = Path(cfg.centroids)
         if centroids.is_file():
             net.pool.init_from_hdf5(centroids)
+    pca_fit, pca_file = None, None
     if cfg.pca and isinstance(net, PlaceNet):
-        net.pca = fit_pca(net, cfg)
+        net.pca, pca_fit, pca_file = fit_pca(net, cfg, split)
     teacher = build_net(cfg.teacher, cfg.teacher.ckpt) if cfg.get("teacher") else None
 
     result = evaluate_split(
@@ -147,6 +202,9 @@ def run(cfg: DictConfig) -> dict[int, float]:
         queries_without_positive=no_positive,
         skipped_images=result.num_skipped,
         model=cfg.model.name,
+        pos_dist_thr=split.eval_radius,
+        pca_fit=pca_fit,
+        pca_file=str(pca_file) if pca_file else None,
     )
     write_predictions(out_dir, split.q_rel, split.db_rel, result.topk, result.distances)
     if cfg.plots:

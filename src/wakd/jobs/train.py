@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from wakd.jobs.cluster import compute_centroids
 from wakd.jobs.common import build_net, ensure_dataset, file_digest
 from wakd.modules.place_module import GenerationSchedule, PlaceModule
+from wakd.pretrained import check_start_files
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -37,13 +38,6 @@ def build_teacher(cfg: DictConfig) -> tuple[Any, dict]:
     if cfg.get("teacher") is None:
         return None, {}
     ckpt = Path(cfg.teacher.ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(
-            f"teacher checkpoint not found: {ckpt}\n"
-            f"Train one first with `python train.py model={cfg.teacher.name} teacher=none "
-            f"dataset={cfg.dataset.kind} task_name=teacher` and copy its checkpoints/best.ckpt there, "
-            f"or pass teacher.ckpt=PATH."
-        )
     teacher = build_net(cfg.teacher, str(ckpt))
     return teacher, {"name": cfg.teacher.name, "ckpt": str(ckpt), "sha256": file_digest(ckpt)}
 
@@ -52,12 +46,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
+    check_start_files(cfg)
     ensure_dataset(cfg.dataset)
 
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     datamodule.setup("fit")
     net = build_net(cfg.model)
-    if not cfg.ckpt_path:  # a resumed run restores NetVLAD from its checkpoint
+    # A resumed run restores NetVLAD from its checkpoint; a trained place network as the
+    # start (model.weights) brings its own.
+    if not cfg.ckpt_path and not net.pool_from_weights:
         centroids = Path(cfg.centroids)
         if not centroids.is_file():
             compute_centroids(net, cfg.dataset, centroids, num_images=cfg.cluster.num_images,

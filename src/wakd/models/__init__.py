@@ -3,7 +3,6 @@
 from wakd.models.backbones import BACKBONES, Backbone, build_backbone, imagenet_cache_file
 from wakd.models.checkpoints import load_place_net_weights, read_state_dict
 from wakd.models.clustering import (
-    centroid_file_name,
     kmeans_centroids,
     sample_local_features,
     write_centroid_file,
@@ -21,7 +20,6 @@ __all__ = [
     "PlaceOutput",
     "build_backbone",
     "build_place_net",
-    "centroid_file_name",
     "imagenet_cache_file",
     "kmeans_centroids",
     "load_place_net_weights",

@@ -3,11 +3,20 @@
 A ``Backbone`` is an ``nn.Sequential`` whose children keep torchvision's names
 (``features``, ``conv1``, ``layer3`` ...), so torchvision/timm ImageNet state
 dicts load by key; an optional new 1x1 projection is appended as ``proj``.
+Its first child, ``normalize`` (``wakd.models.normalization``), takes 0-1 pixels
+to the scale its weights were trained on: held here rather than in ``PlaceNet``
+because pretraining, clustering and ``model.weights`` use the backbone alone, and
+its state dict must carry the normalisation to wherever the weights go. It is
+``input_norm`` unless the weights file carries its own (a wakd checkpoint's
+``normalize.*`` buffers, OpenIBL's MatConvNet scale for OpenIBL/WAKD files):
+torchvision/timm ImageNet files and wakd files older than the buffers keep
+``input_norm`` (default ``'imagenet'``, what those were trained with).
 
 Names and cut points (total stride in brackets):
 
 * ``vgg16``: ``features[:29]``, conv5_3 *before* its ReLU, 512 ch (16) as in
-  NetVLAD/OpenIBL; ``trainable='default'`` trains conv5 only.
+  NetVLAD/OpenIBL; ``trainable='default'`` trains conv5 only when the weights are
+  pretrained, every layer from a random start.
 * ``mobilenetv3_large``: ``cut='full'`` (default, the paper) all features,
   960 ch (32); ``cut='stride16'`` stops after the last stride-16 block,
   112 ch (16). Always followed by a 1x1 conv -> ``proj_dim`` (default 512) +
@@ -25,17 +34,14 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
 
-import torch
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
 from wakd.models.checkpoints import StateDict, load_checked, place_net_state, read_state_dict
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from wakd.models.normalization import InputNorm, input_normalization
+from wakd.pretrained import check_weights_available, imagenet_cache_file
 
 # A builder's result: named torchvision layers, their output channels, total stride.
 Layers = tuple[OrderedDict[str, nn.Module], int, int]
@@ -47,7 +53,7 @@ _MOBILENET_STRIDE16_END = 13
 
 
 class Backbone(nn.Sequential):
-    """images [B, 3, H, W] -> local features [B, out_channels, H / stride, W / stride]."""
+    """0-1 pixels [B, 3, H, W] -> local features [B, out_channels, H / stride, W / stride]."""
 
     def __init__(
         self,
@@ -56,7 +62,9 @@ class Backbone(nn.Sequential):
         out_channels: int,
         stride: int,
         proj_dim: int | None = None,
+        input_norm: InputNorm = "imagenet",
     ) -> None:
+        layers = OrderedDict([("normalize", input_normalization(input_norm)), *layers.items()])
         if proj_dim is not None:
             layers["proj"] = nn.Sequential(
                 nn.Conv2d(out_channels, proj_dim, 1, bias=False),
@@ -68,9 +76,6 @@ class Backbone(nn.Sequential):
         self.name = name
         self.out_channels = out_channels
         self.stride = stride
-        # Normalisation (on 0-1 pixels) that the ImageNet weights expect.
-        self.mean: tuple[float, float, float] = IMAGENET_MEAN
-        self.std: tuple[float, float, float] = IMAGENET_STD
 
 
 def _vgg16_features() -> nn.Sequential:
@@ -122,35 +127,14 @@ BACKBONES: dict[str, Callable[[str | None], Layers]] = {
     "resnet50": _resnet(tvm.resnet50, "resnet50"),
 }
 
-# torchvision weights looked up in the torch hub cache for ``weights='imagenet'``.
-_IMAGENET_WEIGHTS = {
-    "vgg16": tvm.VGG16_Weights.IMAGENET1K_V1,
-    "mobilenetv3_large": tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2,
-    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V2,
-}
-
-
 def _check_cut(name: str, cut: str | None, valid: tuple[str, ...]) -> None:
     if cut is not None and cut not in valid:
         raise ValueError(f"backbone {name!r}: unknown cut {cut!r}; choose one of {valid} or None")
 
 
-def imagenet_cache_file(name: str) -> Path:
-    """Where torch hub keeps torchvision's ImageNet weights for backbone ``name``."""
-    filename = os.path.basename(urlparse(_IMAGENET_WEIGHTS[name].url).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
 def _imagenet_state(name: str) -> tuple[StateDict, Path]:
+    check_weights_available(name, "imagenet")
     path = imagenet_cache_file(name)
-    if not path.is_file():
-        # Never download: the machines this runs on are offline.
-        raise FileNotFoundError(
-            f"ImageNet weights for {name!r} not found at {path} (no download is attempted). "
-            f"Either copy {path.name} (from {_IMAGENET_WEIGHTS[name].url}) into {path.parent}, "
-            f"or pass the file explicitly: model.weights=/path/to/{path.name}"
-        )
     return read_state_dict(path), path
 
 
@@ -181,12 +165,13 @@ def _load_weights(backbone: Backbone, weights: str) -> None:
         )
 
 
-def _set_trainable(backbone: Backbone, trainable: str) -> None:
+def _set_trainable(backbone: Backbone, trainable: str, pretrained: bool) -> None:
     if trainable not in ("default", "all", "none"):
         raise ValueError(f"trainable={trainable!r}: choose 'default', 'all' or 'none'")
     backbone.requires_grad_(trainable != "none")
-    if trainable == "default" and backbone.name == "vgg16":
-        # NetVLAD/OpenIBL train conv5 only; conv1-conv4 keep their ImageNet filters.
+    if trainable == "default" and backbone.name == "vgg16" and pretrained:
+        # NetVLAD/OpenIBL train conv5 only, keeping conv1-conv4's pretrained filters; a
+        # random start trains every layer (as the reference does without pretrained weights).
         backbone.features[:_VGG16_CONV5].requires_grad_(False)
 
 
@@ -197,21 +182,24 @@ def build_backbone(
     trainable: str = "default",
     proj_dim: int | None = None,
     bn_momentum: float | None = None,
+    input_norm: InputNorm = "imagenet",
 ) -> Backbone:
     """Backbone ``name`` cut at ``cut``; ``weights``: None (random), 'imagenet' or a file path.
 
     ``bn_momentum``: BatchNorm's running-statistics momentum for every layer (None keeps
     the architecture's: torchvision's MobileNetV3 uses 0.01, tuned for long ImageNet runs).
+    ``input_norm``: 'imagenet', 'openibl' or {mean, std}, unless ``weights`` carries its
+    own (module docstring).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
     if name == "mobilenetv3_large" and proj_dim is None:
         proj_dim = 512
     layers, channels, stride = BACKBONES[name](cut)
-    backbone = Backbone(name, layers, channels, stride, proj_dim)
+    backbone = Backbone(name, layers, channels, stride, proj_dim, input_norm)
     if weights is not None:
         _load_weights(backbone, str(weights))
-    _set_trainable(backbone, trainable)
+    _set_trainable(backbone, trainable, pretrained=weights is not None)
     if bn_momentum is not None:
         for module in backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):

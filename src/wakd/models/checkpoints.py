@@ -15,6 +15,15 @@ a malicious pickle is refused instead of executed.
   any other ``base_model.<rest>`` -> ``backbone.<rest>``, and
   ``net_vlad.{conv.weight,centroids}`` -> ``pool.{conv.weight,centroids}``;
 * a plain ``PlaceNet.state_dict()``.
+
+Input normalisation (``wakd.models.normalization``): wakd checkpoints carry it as the
+buffers ``backbone.normalize.{mean,std}``. OpenIBL/WAKD checkpoints do not store it,
+but their trainer fed every image through the MatConvNet-style ``Normalize`` of
+OpenIBL (0-255 pixels minus the mean colour): the mapping adds those buffers
+(``'openibl'``), so such a network describes 0-1 pixels exactly as the reference
+does. wakd checkpoints older than the buffers lack them: ``load_checked`` lets
+these two keys be missing and the model keeps the normalisation it was built with
+(``input_norm``, default ImageNet: what all of them were trained with).
 """
 
 from __future__ import annotations
@@ -32,12 +41,19 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from wakd.models.normalization import input_norm_state
+
 if TYPE_CHECKING:
     from wakd.models.place_net import PlaceNet
 
 StateDict = dict[str, Tensor]
 
 _MAX_LISTED = 20
+
+# Keys of the input normalisation, in a PlaceNet's and in a Backbone's state dict.
+INPUT_NORM_KEYS = frozenset(
+    f"{prefix}normalize.{name}" for prefix in ("backbone.", "") for name in ("mean", "std")
+)
 
 
 @contextmanager
@@ -116,14 +132,19 @@ def load_checked(
     """Load ``state`` into ``module``; any missing, unexpected or mis-shaped key -> one ValueError.
 
     ``may_miss(key)`` marks model keys the file need not provide (e.g. a new
-    projection layer); BatchNorm's ``num_batches_tracked`` counters may always be
-    missing (old torchvision files lack them).
+    projection layer); BatchNorm's ``num_batches_tracked`` counters (old torchvision
+    files lack them) and the input normalisation (``INPUT_NORM_KEYS``: wakd files from
+    before it was stored, ImageNet classifier files) may always be missing, and the
+    module then keeps its own.
     """
     expected = module.state_dict()
     missing = [
         k
         for k in expected
-        if k not in state and not k.endswith("num_batches_tracked") and not may_miss(k)
+        if k not in state
+        and not k.endswith("num_batches_tracked")
+        and k not in INPUT_NORM_KEYS
+        and not may_miss(k)
     ]
     unexpected = [] if ignore_unexpected else [k for k in state if k not in expected]
     mismatched = [
@@ -161,12 +182,25 @@ def place_net_state(state: StateDict) -> StateDict:
     if any(k.startswith("net.") for k in state):
         return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     if any(k.startswith(("base_model.", "net_vlad.")) for k in state):
-        return {
+        mapped = {
             _openibl_to_wakd(k): v
             for k, v in state.items()
             if k.startswith(("base_model.", "net_vlad."))
         }
+        if any(k.startswith("backbone.") for k in mapped):  # the pixels its backbone learnt on
+            mapped |= {f"backbone.normalize.{k}": v for k, v in input_norm_state("openibl").items()}
+        return mapped
     return state
+
+
+def netvlad_state(path: str | os.PathLike) -> StateDict | None:
+    """The NetVLAD layer (``conv.weight``, ``centroids``) of a whole trained place network
+    in any supported layout, or None when the file holds a backbone only (ImageNet,
+    pretraining)."""
+    state = place_net_state(read_state_dict(path))
+    pool = {k.removeprefix("pool."): v for k, v in state.items() if k.startswith("pool.")}
+    # A pretraining checkpoint's pool is GeM (``pool.p``), not NetVLAD.
+    return pool if {"conv.weight", "centroids"} <= pool.keys() else None
 
 
 def load_place_net_weights(net: PlaceNet, path: str | os.PathLike) -> None:

@@ -32,7 +32,8 @@ def sample_local_features(
 ) -> np.ndarray:
     """Random dense local features [n, D] (float32, unit L2), ``per_image`` per image.
 
-    ``batches`` yields images [B, 3, H, W] (already normalised), or tuples/lists
+    ``batches`` yields images [B, 3, H, W] as ``backbone`` takes them (0-1 pixels for a
+    wakd ``Backbone``, which normalises them itself), or tuples/lists
     whose first element is that tensor (a DataLoader's (images, index) pairs).
     Images with fewer than ``per_image`` locations contribute all of them.
     """
@@ -76,8 +77,3 @@ def write_centroid_file(
     with atomic_write_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("centroids", data=np.asarray(centroids, dtype=np.float32))
         f.create_dataset("descriptors", data=np.asarray(descriptors, dtype=np.float32))
-
-
-def centroid_file_name(arch: str, dataset: str, k: int) -> str:
-    """OpenIBL's naming: ``{arch}_{dataset}_{k}_desc_cen.hdf5``."""
-    return f"{arch}_{dataset}_{k}_desc_cen.hdf5"

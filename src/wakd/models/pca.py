@@ -44,6 +44,10 @@ class PCAWhitening(nn.Module):
         self.register_buffer("projection", projection.float())  # [out_dim, D]
 
     @property
+    def in_dim(self) -> int:
+        return self.projection.shape[1]
+
+    @property
     def out_dim(self) -> int:
         return self.projection.shape[0]
 
@@ -86,8 +90,8 @@ class PCAWhitening(nn.Module):
             save_file({"mean": self.mean, "projection": self.projection.contiguous()}, str(tmp))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> PCAWhitening:
-        """Read a file written by ``save``."""
+    def load(cls, path: str | os.PathLike, in_dim: int | None = None) -> PCAWhitening:
+        """Read a file written by ``save``; ``in_dim``: the descriptor size it must accept."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"PCA file not found: {path}; fit PCA first")
         try:
@@ -98,4 +102,10 @@ class PCAWhitening(nn.Module):
             raise ValueError(
                 f"{path}: expected tensors 'mean' and 'projection', found {sorted(tensors)}"
             )
-        return cls(tensors["mean"], tensors["projection"])
+        pca = cls(tensors["mean"], tensors["projection"])
+        if in_dim is not None and pca.in_dim != in_dim:
+            raise ValueError(
+                f"{path}: PCA expects {pca.in_dim}-d descriptors, the network makes {in_dim}-d "
+                "ones (fitted for another model or number of clusters)"
+            )
+        return pca

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wakd.models.backbones import Backbone, build_backbone
+from wakd.models.checkpoints import load_checked, netvlad_state
 from wakd.models.netvlad import NetVLAD
+from wakd.models.normalization import InputNorm
 from wakd.models.pca import PCAWhitening
 
 
@@ -24,7 +26,12 @@ class PlaceOutput:
 
 
 class PlaceNet(nn.Module):
-    """images [B, 3, H, W] -> place descriptor [B, descriptor_dim]."""
+    """0-1 pixels [B, 3, H, W] -> place descriptor [B, descriptor_dim].
+
+    The backbone's first layer normalises the pixels as its weights expect
+    (``backbone.normalize``), so every path (training, mining, clustering, evaluation,
+    a teacher, exports) feeds the same un-normalised images.
+    """
 
     def __init__(self, backbone: Backbone, pool: NetVLAD, pca: PCAWhitening | None = None) -> None:
         super().__init__()
@@ -36,6 +43,10 @@ class PlaceNet(nn.Module):
         self.backbone = backbone
         self.pool = pool
         self.pca = pca
+        # True when NetVLAD came trained from a weights file: training then starts from it
+        # instead of re-clustering (the reference starts each WAKD generation from a
+        # trained baseline, NetVLAD included).
+        self.pool_from_weights = False
 
     @property
     def descriptor_dim(self) -> int:
@@ -68,7 +79,17 @@ def build_place_net(
     proj_dim: int | None = None,
     num_clusters: int = 64,
     bn_momentum: float | None = None,
+    input_norm: InputNorm = "imagenet",
 ) -> PlaceNet:
-    """Backbone ``backbone`` (see ``build_backbone``) + NetVLAD with ``num_clusters`` clusters."""
-    net = build_backbone(backbone, weights, cut, trainable, proj_dim, bn_momentum)
-    return PlaceNet(net, NetVLAD(num_clusters, net.out_channels))
+    """Backbone ``backbone`` (see ``build_backbone``) + NetVLAD with ``num_clusters`` clusters.
+
+    ``weights`` may also be a whole trained place network (a wakd training checkpoint, an
+    OpenIBL/WAKD one or a ``PlaceNet.state_dict()``): its NetVLAD is loaded too.
+    """
+    net = build_backbone(backbone, weights, cut, trainable, proj_dim, bn_momentum, input_norm)
+    place_net = PlaceNet(net, NetVLAD(num_clusters, net.out_channels))
+    pool_state = netvlad_state(weights) if weights not in (None, "imagenet") else None
+    if pool_state is not None:
+        load_checked(place_net.pool, pool_state, weights)
+        place_net.pool_from_weights = True
+    return place_net

@@ -53,6 +53,16 @@ class GenerationSchedule:
         return self.count - 1
 
 
+def reference_gram_rows(neg_num: int, pos_num: int, device: torch.device | None = None) -> torch.Tensor:
+    """Rows of one tuple [anchor, positive, N negatives, P soft positives] that the
+    distillation Grams cover: the reference's hard tuple (anchor, positive, negatives)
+    followed by its soft tuple (anchor, soft positives), so the anchor counts twice:
+    (2 + N) + (1 + P) rows, 9 for the paper's N = P = 3."""
+    hard = torch.arange(2 + neg_num)
+    soft = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(2 + neg_num, 2 + neg_num + pos_num)])
+    return torch.cat([hard, soft]).to(device)
+
+
 def _frozen(net: nn.Module) -> nn.Module:
     net.eval()
     for p in net.parameters():
@@ -222,31 +232,34 @@ class PlaceModule(L.LightningModule):
         return teacher_targets(target.vlad, target.features)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # images [B, T, 3, H, W], T = 1 anchor + P positives + negatives; image_ids [B, T] global
-        # ids of the training images (queries, then database: the order of the teacher cache)
+        # images [B, T, 3, H, W], T = 2 + N + P: anchor, hard-loss positive, N negatives, P
+        # soft-loss positives (TupleDataset); image_ids [B, T] global ids of the training
+        # images (queries, then database: the order of the teacher cache)
         images, image_ids = batch
         b, t = images.shape[:2]
         p = self.pos_num
+        n = t - 2 - p
         flat = images.flatten(0, 1)
         use_regions = self.generation >= 1
         out = self.net.encode(flat, regions=use_regions)
         desc = out.descriptor.view(b, t, -1)  # [B, T, K*D]
-        anchor, positives, negatives = desc[:, 0], desc[:, 1 : 1 + p], desc[:, 1 + p :]
+        anchor, positive, negatives = desc[:, 0], desc[:, 1], desc[:, 2 : 2 + n]
         if use_regions:
-            regions = out.regions.view(b, t, *out.regions.shape[1:])  # [B, T, 7, K*D]
-            negatives = hardest_regions(anchor, regions[:, 1 + p :])
+            regions = out.regions.view(b, t, *out.regions.shape[1:])  # [B, T, R, K*D]
+            negatives = hardest_regions(anchor, regions[:, 2 : 2 + n])
         kw = {"margin": self.margin} if self.hard_loss_name == "triplet" else {"tau": self.tau}
-        loss_hard = hard_loss(self.hard_loss_name, anchor, positives[:, 0], negatives, **kw)
+        loss_hard = hard_loss(self.hard_loss_name, anchor, positive, negatives, **kw)
         loss = loss_hard
         self.log("train/loss_hard", loss_hard, prog_bar=True, batch_size=b)
 
         if use_regions and self.soft_weight > 0 and self.prev_net is not None:
+            soft_images = torch.cat([images[:, :1], images[:, 2 + n :]], dim=1)  # [B, 1 + P, ...]
             with torch.no_grad():
-                prev = self.prev_net.encode(images[:, : 1 + p].flatten(0, 1), regions=True)
+                prev = self.prev_net.encode(soft_images.flatten(0, 1), regions=True)
             prev_regions = prev.regions.view(b, 1 + p, *prev.regions.shape[1:])
             loss_soft = sfrs_soft_loss(
                 anchor,
-                regions[:, 1 : 1 + p],
+                regions[:, 2 + n :],
                 prev.descriptor.view(b, 1 + p, -1)[:, 0],
                 prev_regions[:, 1:],
                 tau_prev=self.tau_per_generation[min(self.generation, len(self.tau_per_generation) - 1)],
@@ -259,18 +272,19 @@ class PlaceModule(L.LightningModule):
             if self.teacher_cache is not None and tuple(image_ids.shape) != (b, t):
                 raise ValueError(f"the teacher cache needs image ids [B, T] = [{b}, {t}], got {tuple(image_ids.shape)}")
             target_vlad, target_attention = self.distill_targets(flat, image_ids)
-            terms = [
-                distill_loss(
-                    out.vlad[i * t : (i + 1) * t],
-                    target_vlad[i * t : (i + 1) * t],
-                    out.features[i * t : (i + 1) * t],
-                    target_attention[i * t : (i + 1) * t],
+            rows = reference_gram_rows(n, p, device=flat.device)
+            terms = []
+            for i in range(b):  # the Gram matrices are over the images of one tuple
+                tuple_rows = i * t + rows
+                terms.append(distill_loss(
+                    out.vlad[tuple_rows],
+                    target_vlad[tuple_rows],
+                    out.features[tuple_rows],
+                    target_attention[tuple_rows],
                     use_vlad=self.distill_vlad,
                     use_attention=self.distill_attention,
                     center=self.distill_center,
-                )
-                for i in range(b)  # the Gram matrices are over the images of one tuple
-            ]
+                ))
             loss_distill = torch.stack([term["total"] for term in terms]).mean()
             loss = loss + self.distill_weight * loss_distill
             self.log("train/loss_distill", loss_distill, prog_bar=True, batch_size=b)

@@ -9,7 +9,9 @@ one of two objectives:
   bench/RESULTS.md found it learns far faster from scratch than classification;
 - ``cosface``: a cosine classifier with a large margin (CosPlace):
   logits = s * (cos(theta_y) - m) for the true place, s * cos(theta_j) otherwise.
-The backbone is stored as ``net.backbone.*`` so ``model.weights=<this .ckpt>`` loads it.
+The backbone is stored as ``net.backbone.*`` so ``model.weights=<this .ckpt>`` loads it,
+its input normalisation (``net.backbone.normalize.*``, applied by the backbone itself to
+the rendered 0-1 views) included: the NetVLAD model then sees pixels on the same scale.
 
 With a frozen ``teacher`` (a trained PlaceNet), the WAKD distillation terms join the
 objective: the row-normalised Gram of the student's embeddings over the whole batch of
@@ -28,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wakd.data.images import IMAGENET_MEAN, IMAGENET_STD
 from wakd.eval.evaluate import evaluate_split
 from wakd.losses import distill_loss, teacher_targets
 from wakd.models.place_net import PlaceNet
@@ -131,19 +132,17 @@ class PlacePretrainModule(L.LightningModule):
         object.__setattr__(self, "teacher", teacher)
         self.distill_weight, self.distill_vlad, self.distill_attention = distill_weight, distill_vlad, distill_attention
         self.distill_center = distill_center
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch  # [B, 3, H, W] (cosface) or [B, 2, 3, H, W] (contrastive), in [0, 1]
         if self.head is not None:  # the teacher, if any, is only used with the contrastive objective
-            embeddings = self.net((images - self.mean) / self.std)
+            embeddings = self.net(images)
             logits = self.head(embeddings, labels)
             loss = F.cross_entropy(logits, labels)
             self.log("train/accuracy", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
         else:
             b = images.shape[0]
-            flat = (images.flatten(0, 1) - self.mean) / self.std  # [2B, 3, H, W]
+            flat = images.flatten(0, 1)  # [2B, 3, H, W]; student and teacher each normalise their own
             features = self.net.backbone(flat)
             embeddings = self.net.embed(features)  # [2B, E]
             pairs = embeddings.view(b, 2, -1)

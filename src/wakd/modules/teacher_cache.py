@@ -9,7 +9,9 @@ running the teacher on every tuple. Memory is ``(K*D + h*w) * 2`` bytes per imag
 the synthetic city takes a few MB.
 
 What the cache sees: each image once, through the evaluation transform (resize to the
-training image size, no augmentation), the teacher in eval mode under ``no_grad``. With
+training image size, no augmentation; 0-1 pixels, which the teacher normalises as its own
+weights expect, whatever the student's normalisation), the teacher in eval mode under
+``no_grad``. With
 training augmentation on, the cached target is therefore that of the un-augmented view,
 while the live teacher would see the same jittered image as the student.
 
