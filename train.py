@@ -1,6 +1,6 @@
 """Train a NetVLAD baseline or a WAKD student. Examples:
 
-    python train.py model=vgg16 teacher=none                  # teacher / baseline
+    python train.py experiment=baseline                       # teacher / baseline
     python train.py model=mobilenetv3_large teacher=vgg16     # WAKD distillation
     python train.py -m datamodule.pos_num=1,3 datamodule.neg_num=3,10
 """

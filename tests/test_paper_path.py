@@ -177,3 +177,21 @@ def test_hard_loss_uses_the_hard_positive_not_a_soft_one(hard: str) -> None:
     kw = {"margin": module.margin} if hard == "triplet" else {"tau": module.tau}
     expected = hard_loss(hard, d[None, 0], d[None, 1], d[None, 2:4], **kw)
     torch.testing.assert_close(logged["train/loss_hard"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_openibl_matconvnet_vgg16_start_loads_with_its_input_scale(tmp_path: Path) -> None:
+    """OpenIBL starts VGG16 from the MatConvNet file of NetVLAD's authors: a bare
+    ``features`` state dict (``0.weight`` ... ``28.bias``) trained on 0-255 pixels."""
+    from wakd.models.backbones import build_backbone
+    from wakd.models.normalization import OPENIBL_MEAN, OPENIBL_STD
+
+    source = build_backbone("vgg16").features
+    torch.nn.init.normal_(source[28].weight)
+    weights = tmp_path / "vd16_offtheshelf_conv5_3_max.pth"
+    torch.save(source.state_dict(), weights)
+    backbone = build_backbone("vgg16", weights=weights)
+    for key, value in source.state_dict().items():
+        assert torch.equal(backbone.features.state_dict()[key], value), key
+    torch.testing.assert_close(backbone.normalize.mean.flatten(), torch.tensor(OPENIBL_MEAN))
+    torch.testing.assert_close(backbone.normalize.std.flatten(), torch.tensor(OPENIBL_STD))
+    assert not any(p.requires_grad for p in backbone.features[:24].parameters())  # pretrained: conv5 only

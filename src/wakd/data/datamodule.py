@@ -79,9 +79,9 @@ class TupleDataModule(L.LightningDataModule):
         seed: int = 0,
         rerank_positives: bool = True,
         rerank_k1: int = 20,
-        rerank_k2: int = 6,
-        rerank_lambda: float = 0.3,
-        rerank_select: str = "top",
+        rerank_k2: int = 1,
+        rerank_lambda: float = 0.1,
+        rerank_select: str = "gain",
     ) -> None:
         super().__init__()
         self.dataset_cfg = dict(dataset)

@@ -67,9 +67,9 @@ class TupleMiner:
         pos_pool: int = 20,
         neg_pool: int = 1000,
         rerank_k1: int = 20,
-        rerank_k2: int = 6,
-        rerank_lambda: float = 0.3,
-        rerank_select: str = "top",
+        rerank_k2: int = 1,
+        rerank_lambda: float = 0.1,
+        rerank_select: str = "gain",
     ) -> None:
         if pos_num < 1 or neg_num < 1:
             raise ValueError(f"pos_num and neg_num must be >= 1 (got {pos_num}, {neg_num})")

@@ -14,7 +14,11 @@ a malicious pickle is refused instead of executed.
   ``vgg16().features[:29]`` under ``base``, exactly our ``features``),
   any other ``base_model.<rest>`` -> ``backbone.<rest>``, and
   ``net_vlad.{conv.weight,centroids}`` -> ``pool.{conv.weight,centroids}``;
-* a plain ``PlaceNet.state_dict()``.
+* a plain ``PlaceNet.state_dict()``;
+* OpenIBL's VGG16 start, the MatConvNet VGG16 of NetVLAD's authors converted to a bare
+  ``vgg16().features`` state dict (``logs/vd16_offtheshelf_conv5_3_max.pth``, keys
+  ``0.weight`` ... ``28.bias``): -> ``backbone.features.<i>``, with OpenIBL's input
+  normalisation (the MatConvNet one those filters were trained with).
 
 Input normalisation (``wakd.models.normalization``): wakd checkpoints carry it as the
 buffers ``backbone.normalize.{mean,std}``. OpenIBL/WAKD checkpoints do not store it,
@@ -49,6 +53,8 @@ if TYPE_CHECKING:
 StateDict = dict[str, Tensor]
 
 _MAX_LISTED = 20
+# A bare VGG16 ``features`` state dict: OpenIBL's MatConvNet start (module docstring).
+_MATCONVNET_VGG_KEY = re.compile(r"^\d+\.(weight|bias)$")
 
 # Keys of the input normalisation, in a PlaceNet's and in a Backbone's state dict.
 INPUT_NORM_KEYS = frozenset(
@@ -190,6 +196,9 @@ def place_net_state(state: StateDict) -> StateDict:
         if any(k.startswith("backbone.") for k in mapped):  # the pixels its backbone learnt on
             mapped |= {f"backbone.normalize.{k}": v for k, v in input_norm_state("openibl").items()}
         return mapped
+    if state and all(_MATCONVNET_VGG_KEY.match(k) for k in state):
+        mapped = {f"backbone.features.{k}": v for k, v in state.items()}
+        return mapped | {f"backbone.normalize.{k}": v for k, v in input_norm_state("openibl").items()}
     return state
 
 
