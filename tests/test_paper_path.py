@@ -139,6 +139,14 @@ def test_tuple_images_follow_the_reference_order(tiny_data_dir: Path) -> None:
     assert ids.tolist() == [3, q + 7, q + 11, q + 12, q + 13, q + 7, q + 8, q + 9]
 
 
+def _logged_step(module: PlaceModule, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run one training step on a batch of one tuple [1, T, 3, H, W]; return what it logged."""
+    logged: dict[str, torch.Tensor] = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, torch.as_tensor(value).detach())  # type: ignore[method-assign]
+    module.training_step((images, torch.arange(images.shape[1])[None]), 0)
+    return logged
+
+
 def test_reference_gram_rows_count_the_anchor_twice() -> None:
     assert reference_gram_rows(3, 3).tolist() == [0, 1, 2, 3, 4, 0, 5, 6, 7]
     assert reference_gram_rows(5, 1).tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 7]
@@ -149,10 +157,8 @@ def test_training_step_distils_over_the_reference_rows() -> None:
     student = build_place_net("resnet18", num_clusters=4)
     teacher = build_place_net("resnet18", num_clusters=4)
     module = PlaceModule(student, optimizer=torch.optim.SGD, teacher=teacher, pos_num=2).eval()
-    logged: dict[str, torch.Tensor] = {}
-    module.log = lambda name, value, **kw: logged.__setitem__(name, torch.as_tensor(value).detach())  # type: ignore[method-assign]
     images = torch.rand(1, 7, 3, 32, 48)  # anchor, positive, 3 negatives, 2 soft positives
-    module.training_step((images, torch.arange(7)[None]), 0)
+    logged = _logged_step(module, images)
 
     rows = [0, 1, 2, 3, 4, 0, 5, 6]
     flat = images[0, rows]
@@ -168,10 +174,8 @@ def test_hard_loss_uses_the_hard_positive_not_a_soft_one(hard: str) -> None:
     torch.manual_seed(0)
     net = build_place_net("resnet18", num_clusters=4)
     module = PlaceModule(net, optimizer=torch.optim.SGD, hard_loss_name=hard, pos_num=2).eval()
-    logged: dict[str, torch.Tensor] = {}
-    module.log = lambda name, value, **kw: logged.__setitem__(name, torch.as_tensor(value).detach())  # type: ignore[method-assign]
     images = torch.rand(1, 6, 3, 32, 48)  # anchor, positive, 2 negatives, 2 soft positives
-    module.training_step((images, torch.arange(6)[None]), 0)
+    logged = _logged_step(module, images)
     with torch.no_grad():
         d = net.encode(images[0]).descriptor
     kw = {"margin": module.margin} if hard == "triplet" else {"tau": module.tau}
