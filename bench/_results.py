@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from wakd.eval.report import atomic_write_json, atomic_write_text
+from wakd.atomic import atomic_write_json, atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_JSON = BENCH_DIR / "results.json"

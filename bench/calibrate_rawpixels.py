@@ -2,7 +2,7 @@
 
     python bench/calibrate_rawpixels.py --out /tmp/synth --preset demo --seed 0
 
-A trained model needs room above the raw-pixel floor (DESIGN.md section 4): the target
+A trained model needs room above the raw-pixel floor (docs/design.md, synthetic city): the target
 is raw pixels clearly above chance but far from solved (R@1 about 0.15-0.35).
 """
 

@@ -37,8 +37,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from wakd.data.images import ImageListDataset, build_transform
-from wakd.eval.extract import cpu_workers, extract_descriptors, torch_threads
+from wakd.data.images import ImageListDataset, build_transform, cpu_workers
+from wakd.describe import extract_descriptors, torch_threads
 from wakd.models.inference import OnnxDescriptorNet, optimize_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def extraction(net: nn.Module, dataset: Dataset, workers: int, capped: bool = Tr
     """Wall seconds of one full ``extract_descriptors`` call (worker start-up included);
     ``capped=False`` runs ``workers`` as given instead of ``cpu_workers(workers)``."""
     start = time.perf_counter()
-    uncap = mock.patch("wakd.eval.extract.cpu_workers", side_effect=lambda n: n)
+    uncap = mock.patch("wakd.data.images.cpu_workers", side_effect=lambda n: n)
     with contextlib.nullcontext() if capped else uncap:
         extract_descriptors(net, dataset, batch_size=BATCH, num_workers=workers, progress=False)
     return time.perf_counter() - start

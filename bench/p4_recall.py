@@ -5,7 +5,7 @@
 time of search + recall and the peak RSS (VmHWM of a fresh child process per run,
 so runs never mix) divided by the bytes of the fp16 descriptor matrices, for
 
-* chunked: wakd.eval.knn.knn_search (faiss, fp16 -> fp32 per chunk, top-k merge)
+* chunked: wakd.knn.knn_search (faiss, fp16 -> fp32 per chunk, top-k merge)
   followed by wakd.eval.recall.recall_at_n, at full size;
 * reference: full fp32 distance matrix + full argsort, at fractions of the
   database it survives, extrapolated affinely in N to the full size.
@@ -101,8 +101,8 @@ def _peak_rss_bytes() -> int:
 
 def child(mode: str, data: Path, num_db: int) -> None:
     """One measured run; prints a JSON line with seconds, peak RSS and recall."""
-    from wakd.eval.knn import knn_search
     from wakd.eval.recall import recall_at_n
+    from wakd.knn import knn_search
 
     db = _read_rows(data / "db.npy", num_db)  # [n,D] fp16
     q = _read_rows(data / "q.npy", NUM_Q)  # [Q,D] fp16

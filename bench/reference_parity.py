@@ -69,8 +69,8 @@ from torch import Tensor, nn
 
 from wakd.data.datasets import PlaceSplit
 from wakd.data.mining import MinedTuple, TupleMiner
-from wakd.eval.knn import knn_search
 from wakd.eval.recall import dedup_by_group, recall_at_n
+from wakd.knn import knn_search
 from wakd.losses import (
     attention_map,
     distill_loss,
@@ -86,7 +86,7 @@ from wakd.models.backbones import Backbone
 from wakd.models.netvlad import NetVLAD
 from wakd.models.pca import PCAWhitening
 from wakd.models.place_net import PlaceNet
-from wakd.modules.place_module import GenerationSchedule, PlaceModule, reference_gram_rows
+from wakd.modules.place_module import PlaceModule, reference_gram_rows
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "reference_parity.npz"
@@ -707,7 +707,7 @@ def wakd_step(inputs: dict[str, np.ndarray], vlad: NetVLAD, prev: NetVLAD, t_con
             tau=TAUS[0],
             soft_weight=SOFT_WEIGHT,
             tau_per_generation=TAUS,
-            schedule=GenerationSchedule(count=len(TAUS)),
+            generations=len(TAUS),
             teacher=feature_place_net(t_vlad, t_conv),
             distill_weight=DISTILL_WEIGHT,
             pos_num=P,
@@ -737,13 +737,14 @@ def wakd_mining(inputs: dict[str, np.ndarray], tmp: Path) -> dict[str, np.ndarra
                             FixedCandidates(inputs[f"neg_candidates_{r}"]), rerank=r == 2)  # type: ignore[arg-type]
         out["mined_2_rerank" if r == 2 else f"mined_{r}"] = tuples_array(tuples)
     out["mined_baseline_0"] = out["mined_0"][:, : 2 + N]  # the baseline's tuple is a prefix
-    # The same rounds with TupleMiner's defaults (= configs/datamodule/tuples.yaml: k2 = 6,
-    # lambda = 0.3, rule "top"), to show what the recipe difference changes.
-    defaults = TupleMiner(split, pos_num=P, neg_num=N, pos_pool=POS_POOL, neg_pool=NEG_POOL)
+    # The same rounds with Zhong et al.'s re-ranking values (k2 = 6, lambda = 0.3) and the
+    # "top" rule, to show what the choice of values changes.
+    paper = TupleMiner(split, pos_num=P, neg_num=N, pos_pool=POS_POOL, neg_pool=NEG_POOL,
+                       rerank_k2=6, rerank_lambda=0.3, rerank_select="top")
     for r in range(3):
-        tuples = defaults.mine(np.arange(NUM_Q), inputs[f"q_desc_{r}"], inputs[f"db_desc_{r}"],
+        tuples = paper.mine(np.arange(NUM_Q), inputs[f"q_desc_{r}"], inputs[f"db_desc_{r}"],
                                FixedCandidates(inputs[f"neg_candidates_{r}"]), rerank=r == 2)  # type: ignore[arg-type]
-    out["mined_2_rerank_wakd_defaults"] = tuples_array(tuples)
+    out["mined_2_rerank_zhong"] = tuples_array(tuples)
     return out
 
 
@@ -773,7 +774,7 @@ NOTES = {
                           "(anchor twice); wakd uses the reference's 9 rows",
     "mined_2_rerank_script": "the reference's script passes squared distances to re_ranking, "
                              "which squares them again (4th power); wakd uses squared L2",
-    "mined_2_rerank_wakd_defaults": "wakd's default re-ranking (k2=6, lambda=0.3, rule top) vs "
+    "mined_2_rerank_zhong": "Zhong et al.'s re-ranking values (k2=6, lambda=0.3, rule top) vs "
                                     "the reference script's (k2=1, lambda=0.1, rule gain)",
     "mined_2_rerank_l2": "reference re_ranking handed L2 distances (so it works on squared L2, as wakd)",
 }
@@ -784,12 +785,12 @@ def compare(ref_out: dict[str, np.ndarray], wakd_out: dict[str, np.ndarray]) -> 
     pairs = [(k, k) for k in ref_out if k in wakd_out]
     pairs += [("kd_b1", "kd_distinct_images")]
     pairs += [(f"mined_2_rerank_{v}", "mined_2_rerank") for v in ("script", "l2")]
-    pairs += [("mined_2_rerank_script", "mined_2_rerank_wakd_defaults")]
+    pairs += [("mined_2_rerank_script", "mined_2_rerank_zhong")]
     figures: dict[str, dict[str, Any]] = {}
     for ref_key, wakd_key in pairs:
         a = np.asarray(wakd_out[wakd_key], np.float64)
         b = np.asarray(ref_out[ref_key], np.float64)
-        name = wakd_key if wakd_key in ("kd_distinct_images", "mined_2_rerank_wakd_defaults") else ref_key
+        name = wakd_key if wakd_key in ("kd_distinct_images", "mined_2_rerank_zhong") else ref_key
         if ref_key.startswith(("mined", "gt_")):
             # Index tables: rows that differ (-1 pads the reference's short "gain" lists).
             if a.shape != b.shape:
@@ -841,7 +842,7 @@ WHAT = {
     "mined_baseline_0": "mined tuples, round 0, OpenIBL's baseline sampler",
     "mined_2_rerank_l2": "mined tuples, round 2, re-ranked positives (same d)",
     "mined_2_rerank_script": "mined tuples, round 2, re-ranked as the script calls it",
-    "mined_2_rerank_wakd_defaults": "mined tuples, round 2, wakd's default re-ranking",
+    "mined_2_rerank_zhong": "mined tuples, round 2, Zhong et al.'s re-ranking values",
     "pca_primal": "PCA whitening 32 -> 8-d, fitted on 60 (primal), outputs",
     "pca_dual": "PCA whitening 32 -> 8-d, fitted on 20 (dual: n < D), outputs",
     "recall": "Recall@1/5/10/15/20/25",
@@ -909,10 +910,9 @@ Every matched figure is within 1e-5 relative (float32 rounding; the triplet's 1.
 - **Re-ranking distances** (`mined_2_rerank_script`): `update_sampler` passes squared L2
   distances to `re_ranking`, which squares its input again, so the reference re-ranks on
   |a - b|^4; wakd uses squared L2 (Zhong et al.). Handed L2 distances, the reference picks
-  exactly wakd's positives (`mined_2_rerank_l2`). wakd's defaults (k2 = 6, lambda = 0.3,
-  rule `top`) are not the script's (k2 = 1, lambda = 0.1, rule `gain`):
-  `datamodule.rerank_k2=1 datamodule.rerank_lambda=0.1 datamodule.rerank_select=gain`
-  reproduces it.
+  exactly wakd's positives (`mined_2_rerank_l2`). wakd's defaults are the script's
+  (k2 = 1, lambda = 0.1, rule `gain`); `mined_2_rerank_zhong` compares Zhong et al.'s
+  (k2 = 6, lambda = 0.3, rule `top`), which pick other positives.
 - **Random negative candidates.** The reference draws `neg_pool` candidates among the
   negatives only; wakd draws `neg_pool` database images and then drops those within 25 m,
   so on average it keeps neg_pool x (1 - non-negatives / database) (Pitts30k: ~99 %).

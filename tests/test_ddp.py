@@ -23,7 +23,7 @@ from conftest import REPO, TINY_TRAIN
 from torch import nn
 from torch.utils.data import Dataset
 
-from wakd.eval.extract import extract_descriptors
+from wakd.describe import extract_descriptors
 
 WORLD = 2
 

@@ -86,4 +86,4 @@ def test_real_file_matches_brute_force(name: str) -> None:
         assert_same(got, brute_force(db.db_utm, db.q_utm[some], radius, db.db_timestamps, q_ts))
     if name == "pitts30k_train":
         all_train = radius_positives(db.db_utm, db.q_utm, db.train_pos_radius)
-        assert sum(len(p) > 0 for p in all_train) == 7_320  # README / DESIGN
+        assert sum(len(p) > 0 for p in all_train) == 7_320  # README, docs/method.md

@@ -13,8 +13,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset
 
-from wakd.data.images import ImageListDataset, TensorImageDataset, build_transform
-from wakd.eval.extract import cpu_workers, extract_descriptors
+from wakd.data.images import ImageListDataset, TensorImageDataset, build_transform, cpu_workers
+from wakd.describe import extract_descriptors
 from wakd.models import PlaceNet, build_place_net
 from wakd.models.inference import (
     ChannelsLast,
@@ -164,7 +164,7 @@ def test_extraction_of_image_files_equals_the_float_path(
 ) -> None:
     """Workers decode to uint8 and extraction converts the batch to float: the very same network
     inputs as the datasets' own float images (corrupt ones included), so equal descriptors."""
-    monkeypatch.setattr("wakd.eval.extract.cpu_workers", lambda n: n)  # a worker on any machine
+    monkeypatch.setattr("wakd.data.images.cpu_workers", lambda n: n)  # a worker on any machine
     net = small_nets()["mobilenetv3"].eval()
     paths = _image_files(tmp_path, 6)
     tf = build_transform(IMAGE_SIZE, train=False)

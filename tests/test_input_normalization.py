@@ -18,8 +18,8 @@ from torchvision import transforms as T
 
 from wakd.data.datamodule import split_images
 from wakd.data.images import ImageListDataset, build_transform
-from wakd.eval.evaluate import evaluate_split
-from wakd.eval.extract import extract_descriptors
+from wakd.describe import extract_descriptors
+from wakd.eval.retrieval import evaluate_split
 from wakd.jobs import evaluate
 from wakd.jobs.cluster import compute_centroids
 from wakd.jobs.common import load_dataset_split
@@ -144,10 +144,10 @@ def test_student_and_teacher_each_normalise_the_same_pixels_their_own_way() -> N
     _assert_saw(seen_teacher, pixels.flatten(0, 1), "openibl")
 
     # Distilled pretraining: the student's backbone and the teacher, likewise.
-    pretraining = _net("imagenet", seed=2).backbone
-    seen_pretraining = _inputs_and_outputs(pretraining)
+    pretraining = _net("imagenet", seed=2)
+    seen_pretraining = _inputs_and_outputs(pretraining.backbone)
     seen_teacher.clear()
-    pretrain = PlacePretrainModule(pretraining, pretraining.out_channels, num_classes=2, teacher=teacher)
+    pretrain = PlacePretrainModule(pretraining, torch.optim.Adam, num_classes=2, teacher=teacher)
     pretrain.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     views = torch.rand(2, 2, 3, *IMAGE_SIZE)
     pretrain.training_step((views, torch.tensor([0, 1])), 0)

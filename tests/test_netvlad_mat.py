@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 from scipy.spatial import cKDTree
 
-from wakd.data import inspect as mat_inspect
+from wakd.data import mat_summary
 from wakd.data.netvlad_mat import DatasetFormatError, DbStruct, load_dbstruct, save_dbstruct
 
 SPECS = Path(__file__).resolve().parents[2] / "shared" / "datasets-specs"
@@ -62,8 +62,8 @@ def test_tokyo_tm_timestamps_are_yyyymm() -> None:
 
 
 @needs_specs
-def test_inspect_pitts30k_train(capsys: pytest.CaptureFixture[str]) -> None:
-    assert mat_inspect.main([str(SPECS / "pitts30k_train.mat")]) == 0
+def test_mat_summary_pitts30k_train(capsys: pytest.CaptureFixture[str]) -> None:
+    assert mat_summary.main([str(SPECS / "pitts30k_train.mat")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["split"] == "train"
     assert summary["num_db"] == 10_000 and summary["num_queries"] == 7_416
@@ -72,10 +72,10 @@ def test_inspect_pitts30k_train(capsys: pytest.CaptureFixture[str]) -> None:
     assert summary["has_timestamps"] is False
 
 
-def test_inspect_missing_file_is_one_clear_error(
+def test_mat_summary_missing_file_is_one_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert mat_inspect.main([str(tmp_path / "nope.mat")]) == 2
+    assert mat_summary.main([str(tmp_path / "nope.mat")]) == 2
     assert "nope.mat" in capsys.readouterr().err
 
 

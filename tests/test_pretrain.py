@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -10,11 +11,14 @@ import torch
 from conftest import TINY_TRAIN, compose_cfg
 
 from wakd.data.rendered_datamodule import RenderedPlacesDataModule
-from wakd.eval.evaluate import evaluate_split
+from wakd.eval.retrieval import evaluate_split
 from wakd.jobs import evaluate, pretrain, train
 from wakd.jobs.common import build_net
+from wakd.losses import multi_positive_info_nce
+from wakd.models.embedding import PlaceEmbedding
 from wakd.models.place_net import build_place_net
-from wakd.modules.pretrain import PlaceEmbedding, PlacePretrainModule, multi_positive_info_nce
+from wakd.modules.lr_schedules import warmup_then
+from wakd.modules.pretrain import PlacePretrainModule
 
 TINY_EVAL = ["dataset=synthcity", "dataset.image_size=[64,86]", "dataset.generate.preset=tiny", "num_workers=0"]
 PRETRAIN = [
@@ -70,7 +74,7 @@ def test_pretraining_lowers_loss_and_beats_untrained(pretrained, tiny_data_dir: 
 
     L.seed_everything(seed)
     backbone = build_net(cfg.model).backbone
-    untrained = _val_r1(PlaceEmbedding(backbone, backbone.out_channels, 256), tiny_data_dir / "synthcity" / "raw")
+    untrained = _val_r1(PlaceEmbedding(backbone, 256), tiny_data_dir / "synthcity" / "raw")
     # Measured on the tiny city (50 val queries, few places, so a high untrained R@1):
     # seeds 0 / 1 went from 0.26 / 0.38 to 0.36 / 0.52 after 300 steps.
     assert metrics["val/R@1"] > untrained + 0.05, (metrics, untrained)
@@ -106,25 +110,38 @@ def test_pretraining_checkpoint_loads_as_model_weights(tiny_data_dir: Path, tmp_
         assert torch.equal(value, saved[f"net.backbone.{key}"]), key
 
 
+def _lr_factors(steps: list[int], **schedule: object) -> list[float]:
+    """Learning rate / base learning rate at each of ``steps`` (optimizer steps taken)."""
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = warmup_then(optimizer, **schedule)
+    factors = []
+    for step in range(max(steps) + 1):
+        if step in steps:
+            factors.append(optimizer.param_groups[0]["lr"] / 1e-3)
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
 def test_learning_rate_schedule_warms_up_then_follows_a_cosine() -> None:
-    backbone = torch.nn.Conv2d(3, 8, 3)
-    module = PlacePretrainModule(backbone, 8, num_classes=4, schedule="cosine", warmup_steps=10, total_steps=110)
-    assert module.lr_factor(0) == pytest.approx(0.1)
-    assert module.lr_factor(9) == pytest.approx(1.0)
-    assert module.lr_factor(60) == pytest.approx(0.5)  # half way through the decay
-    assert module.lr_factor(110) == pytest.approx(0.0, abs=1e-12)
-    constant = PlacePretrainModule(backbone, 8, num_classes=4, warmup_steps=4)
-    assert [constant.lr_factor(s) for s in (0, 3, 500)] == pytest.approx([0.25, 1.0, 1.0])
+    steps = [0, 9, 60, 110]
+    lr_factor = dict(zip(steps, _lr_factors(steps, decay="cosine", warmup_steps=10, total_steps=110), strict=True))
+    assert lr_factor[0] == pytest.approx(0.1)
+    assert lr_factor[9] == pytest.approx(1.0)
+    assert lr_factor[60] == pytest.approx(0.5)  # half way through the decay
+    assert lr_factor[110] == pytest.approx(0.0, abs=1e-12)
+    assert _lr_factors([0, 3, 500], warmup_steps=4) == pytest.approx([0.25, 1.0, 1.0])
 
 
 def test_pretraining_with_teacher_adds_distillation_and_leaves_teacher_alone() -> None:
     torch.manual_seed(0)
     teacher = build_place_net("resnet18", cut="layer3", num_clusters=4)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = build_place_net("mobilenetv3_large", cut="stride16", proj_dim=16, num_clusters=4).backbone
+    student = build_place_net("mobilenetv3_large", cut="stride16", proj_dim=16, num_clusters=4)
     images, labels = torch.rand(4, 2, 3, 64, 86), torch.tensor([0, 1, 2, 3])
-    plain = PlacePretrainModule(student, student.out_channels, num_classes=4)
-    wakd = PlacePretrainModule(student, student.out_channels, num_classes=4, teacher=teacher, distill_weight=100.0)
+    adam = functools.partial(torch.optim.Adam, lr=1e-3)
+    plain = PlacePretrainModule(student, adam, warmup_then, num_classes=4)
+    wakd = PlacePretrainModule(student, adam, warmup_then, num_classes=4, teacher=teacher, distill_weight=100.0)
     wakd.load_state_dict(plain.state_dict())  # the same student and head
     wakd.log = plain.log = lambda *args, **kwargs: None  # no trainer attached
     plain.train(), wakd.train()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wakd.eval.knn import gpu_available, knn_search
 from wakd.eval.recall import dedup_by_group, recall_at_n
+from wakd.knn import gpu_available, knn_search
 
 RADIUS_M = 25.0
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from wakd.data.datasets import PlaceSplit
 from wakd.data.mining import TupleMiner
-from wakd.eval.knn import knn_search
 from wakd.eval.recall import dedup_by_group, recall_at_n
+from wakd.knn import knn_search
 from wakd.losses import (
     attention_map,
     distill_loss,
@@ -44,7 +44,7 @@ from wakd.models.backbones import Backbone
 from wakd.models.netvlad import NetVLAD
 from wakd.models.pca import PCAWhitening
 from wakd.models.place_net import PlaceNet
-from wakd.modules.place_module import GenerationSchedule, PlaceModule, reference_gram_rows
+from wakd.modules.place_module import PlaceModule, reference_gram_rows
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "reference_parity.npz"
@@ -222,7 +222,7 @@ def test_training_step_matches_reference(fx: dict[str, np.ndarray], gen: int) ->
         tau=TAUS[0],
         soft_weight=SOFT_WEIGHT,
         tau_per_generation=TAUS,
-        schedule=GenerationSchedule(count=len(TAUS)),
+        generations=len(TAUS),
         teacher=_feature_net(netvlad(fx, "teacher_vlad_"), teacher_conv(fx)),
         distill_weight=DISTILL_WEIGHT,
         pos_num=P,

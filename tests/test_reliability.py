@@ -164,7 +164,7 @@ def _corrupt_two_test_images(city: Path) -> list[Path]:
 def test_corrupt_image_is_named(
     num_workers: int, city: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("wakd.eval.extract.cpu_workers", lambda n: n)  # a real worker on any machine
+    monkeypatch.setattr("wakd.data.images.cpu_workers", lambda n: n)  # a real worker on any machine
     bad = _corrupt_two_test_images(city)
     cfg = compose_cfg("eval", [*TINY_EVAL, f"num_workers={num_workers}"], city, tmp_path / "run")
     err = expect_exit(evaluate.run, cfg, capsys)
@@ -359,7 +359,7 @@ def test_failed_results_and_predictions_keep_previous(tmp_path: Path, monkeypatc
     monkeypatch.setattr(report.np, "savez", half_then_fail)
     with pytest.raises(OSError, match="No space"):
         report.write_predictions(tmp_path, ["q"], ["a", "b"], np.array([[1]]), np.array([[0.2]]))
-    monkeypatch.setattr(report.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         report.write_results(tmp_path, recall={1: 0.9}, **kw)
     assert {n: (tmp_path / n).read_bytes() for n in before} == before

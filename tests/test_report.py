@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wakd.atomic import atomic_write_text
 from wakd.eval.plots import pick_examples, plot_attention, plot_recall_curve, plot_retrievals
 from wakd.eval.recall import recall_at_n
-from wakd.eval.report import atomic_write_text, recall_table, write_predictions, write_results
+from wakd.eval.report import recall_table, write_predictions, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

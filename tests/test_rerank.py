@@ -11,8 +11,9 @@ from conftest import TINY_TRAIN, compose_cfg
 
 from wakd.data.datasets import PlaceSplit
 from wakd.data.mining import TupleMiner, select_positives
-from wakd.data.rerank import k_reciprocal_distances, knn_graph
+from wakd.data.rerank import k_reciprocal_distances
 from wakd.jobs import train
+from wakd.knn import knn_graph
 
 
 def brute_force_rerank(x: np.ndarray, k1: int, k2: int, lam: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -70,13 +71,27 @@ def test_matches_brute_force(k1: int, k2: int, lam: float) -> None:
 
 def test_knn_graph_chunks_agree_with_full_sort() -> None:
     x = torch.randn(50, 8)
-    d, i, row_max = knn_graph(x, 6, row_chunk=7, col_chunk=11)
+    d, i, row_max = knn_graph(x.numpy(), 6, q_chunk=7, db_chunk=11)
     full = torch.cdist(x.double(), x.double()).pow(2)
     want = full.sort(dim=1)
     np.testing.assert_array_equal(i, want.indices[:, :6].numpy())
     np.testing.assert_allclose(d, want.values[:, :6].numpy(), atol=1e-5)
     np.testing.assert_allclose(row_max, full.max(1).values.numpy(), rtol=1e-5)
     assert (i[:, 0] == np.arange(50)).all() and (d[:, 0] == 0).all()
+
+
+def test_knn_graph_with_duplicates_and_fp16() -> None:
+    """Rows repeated k + 1 times: each keeps itself at distance 0, ties go to lower indices,
+    and the farthest-row maxima are exact whatever the chunking."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 8)).astype(np.float16)
+    x[10:15] = x[10]  # five identical rows, more than k = 3 neighbours can hold
+    d, i, row_max = knn_graph(x, 3, q_chunk=4, db_chunk=7)
+    assert (i == np.arange(30)[:, None]).any(axis=1).all()  # every row in its own list
+    assert (d[np.arange(30)[:, None] == i] == 0).all()
+    np.testing.assert_array_equal(i[12], [10, 11, 12])  # equal distances: lower index first
+    full = ((x[:, None].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_allclose(row_max, full.max(1), rtol=1e-6)
 
 
 def test_select_positives_top_and_gain() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from wakd.eval.report import atomic_write_text
+from wakd.atomic import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 # cores: too slow for minutes); the student is MobileNetV3-Large cut at stride 16 (6x8
 # maps at 96x128) with a 1x1 projection to 128 channels and BatchNorm momentum 0.1 (see
 # configs/model/mobilenetv3_large.yaml). Both learn their first features on freshly
-# rendered views of the city (DESIGN.md section 4); the WAKD student distils the teacher
-# from there on, with centred Grams (`distill.center`, bench/RESULTS.md "Distillation").
+# rendered views of the city (docs/design.md, "Learning without ImageNet"); the WAKD
+# student distils the teacher from there on, with centred Grams (`distill.center`,
+# bench/RESULTS.md "Distillation").
 # No ImageNet weights here: every network starts from random weights (model.weights=null;
 # the NetVLAD stages then start from the pretraining checkpoint, a later override).
 TEACHER = ["model=resnet18", "model.weights=null", "model.net.num_clusters=32"]
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ])
     atomic_write_text(out / "demo_results.md", text)
-    atomic_write_text(out / "demo_results.json", json.dumps(summary, indent=2))
+    atomic_write_json(out / "demo_results.json", summary)
     print("\n" + text)
     print(f"everything is in {out}")
 

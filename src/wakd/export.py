@@ -25,9 +25,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from wakd.atomic import atomic_write_path
 from wakd.cli import run_job
 from wakd.jobs.common import build_net, model_config_for
-from wakd.models.checkpoints import atomic_write_path
 from wakd.models.inference import TOLERANCE, OnnxDescriptorNet, export_onnx, fold_batchnorm
 from wakd.models.pca import PCAWhitening
 from wakd.models.place_net import PlaceNet

@@ -1,9 +1,13 @@
 """LightningDataModule of weakly supervised training tuples.
 
 One Lightning epoch is one *mining round*: ``cache_size`` training queries. Before each
-round (``reload_dataloaders_every_n_epochs=1``) the current model re-describes all
-training queries and database images and the round's tuples are mined from those
-descriptors, as OpenIBL does every 1,000 queries.
+round the current model re-describes all training queries and database images and the
+round's tuples are mined from those descriptors, as OpenIBL does every 1,000 queries:
+that step is :class:`wakd.modules.mining.TupleMining`, on the training side. This module
+holds what mining needs from the data (the splits, the ``TupleMiner`` and its memory,
+each round's queries) and serves the tuples it is handed (``serve_round``), reloaded every
+round (``reload_dataloaders_every_n_epochs=1``). Validation batches are the val split's
+queries then database images.
 """
 
 from __future__ import annotations
@@ -15,12 +19,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from wakd.data.datasets import PlaceSplit, load_split
-from wakd.data.images import ImageListDataset, build_transform
+from wakd.data.images import ConcatImages, ImageListDataset, build_transform, extraction_loader
 from wakd.data.mining import MinedTuple, TupleMiner
-from wakd.eval.extract import extract_descriptors, split_descriptors
 
 
 class TupleDataset(Dataset):
@@ -51,9 +54,10 @@ class TupleDataset(Dataset):
         return torch.stack(images), ids
 
 
-def split_images(split: PlaceSplit, transform: Any, skip_corrupt: bool = False) -> Dataset:
-    """Queries followed by database images, for one extraction pass."""
-    return ConcatDataset(
+def split_images(split: PlaceSplit, transform: Any, skip_corrupt: bool = False) -> ConcatImages:
+    """Queries followed by database images, for one extraction pass; item indices count
+    across both (database image j is ``num_queries + j``)."""
+    return ConcatImages(
         [
             ImageListDataset(split.q_paths, transform, skip_corrupt=skip_corrupt),
             ImageListDataset(split.db_paths, transform, skip_corrupt=skip_corrupt),
@@ -133,51 +137,40 @@ class TupleDataModule(L.LightningDataModule):
         order = np.random.default_rng([self.seed, pass_index]).permutation(self.miner.queries)
         return order[within * self.cache_size : (within + 1) * self.cache_size]
 
-    def mine_round(
-        self, net: torch.nn.Module, round_index: int, device: torch.device, rerank: bool = False
-    ) -> list[MinedTuple]:
-        """Describe every training image with ``net`` and mine this round's tuples.
+    @property
+    def mined_round(self) -> int | None:
+        """Index of the round whose tuples ``train_dataloader`` serves (None before the first)."""
+        return self._round[0] if self._round is not None else None
 
-        ``rerank``: choose positives by k-reciprocal re-ranking (SFRS, generations >= 1).
-        """
-        assert self.train_split is not None and self.miner is not None
-        split = self.train_split
-        extraction = extract_descriptors(
-            net,
-            self.train_images(),
-            batch_size=self.eval_batch_size,
-            num_workers=self.num_workers,
-            device=device,
-            desc=f"mining round {round_index}",
-        )
-        q_desc, db_desc = split_descriptors(extraction, [split.num_queries, split.num_db])
-        rng = np.random.default_rng([self.seed, 1_000_003, round_index])
-        return self.miner.mine(self.round_queries(round_index), q_desc, db_desc, rng, rerank=rerank, device=device)
+    def serve_round(self, round_index: int, tuples: Sequence[MinedTuple]) -> None:
+        """The tuples of round ``round_index``, served from the next ``train_dataloader`` on."""
+        self._round = (round_index, list(tuples))
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        assert trainer is not None and self.train_split is not None, "the datamodule is driven by a Trainer"
-        module = trainer.lightning_module
-        # On resume Lightning asks for the loader before it marks the restored epoch complete,
-        # then again: count processed epochs and mine each round once, or the miner's memory
-        # of last negatives would drift from an uninterrupted run.
-        round_index = trainer.fit_loop.epoch_progress.current.processed
-        if self._round is None or self._round[0] != round_index:
-            module.start_round(round_index)  # switches generation (and the model) before mining
-            rerank = self.rerank_positives and getattr(module, "generation", 0) >= 1
-            self._round = (round_index, self.mine_round(module.net, round_index, module.device, rerank=rerank))
+        if self._round is None or self.train_split is None:
+            raise RuntimeError("no mined round to serve: the TupleMining callback mines each round before training it")
+        round_index, tuples = self._round
         # Same seed per round: a resumed run draws the same augmentations. No shuffling here:
         # the round's queries are already a seeded permutation, and a sampler of our own would
         # be replaced by Lightning on resume (and under DDP) with a differently seeded one.
         torch.manual_seed(self.seed * 7919 + round_index)
-        dataset = TupleDataset(self.train_split, self._round[1], self.train_transform, self.skip_corrupt)
+        dataset = TupleDataset(self.train_split, tuples, self.train_transform, self.skip_corrupt)
         return DataLoader(
             dataset,
             batch_size=self.tuples_per_batch,
             shuffle=False,
             num_workers=self.num_workers,
-            pin_memory=module.device.type == "cuda",
+            pin_memory=self._device().type == "cuda",
         )
+
+    def val_dataloader(self) -> DataLoader:
+        """Val queries then database images, items (uint8 image, index in the split's images, valid)."""
+        return extraction_loader(
+            self.val_images(), batch_size=self.eval_batch_size, num_workers=self.num_workers, device=self._device()
+        )
+
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def train_images(self) -> Dataset:
         """Training queries then database images, un-augmented (the teacher cache's view)."""
@@ -189,9 +182,40 @@ class TupleDataModule(L.LightningDataModule):
         return split_images(self.val_split, self.eval_transform, self.skip_corrupt)
 
     def state_dict(self) -> dict:
-        return {"miner": self.miner.state_dict()} if self.miner is not None else {}
+        """The miner's memory and the round being served: a checkpoint written between rounds
+        holds the next round's tuples, so a resumed run trains on them without mining again."""
+        state: dict[str, Any] = {"miner": self.miner.state_dict()} if self.miner is not None else {}
+        if self._round is not None:
+            round_index, tuples = self._round
+            state["round"] = {"index": round_index, **tuples_to_tensors(tuples)}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._miner_state = state.get("miner")
         if self.miner is not None and self._miner_state is not None:
             self.miner.load_state_dict(self._miner_state)
+        if "round" in state:
+            self._round = (int(state["round"]["index"]), tuples_from_tensors(state["round"]))
+
+
+def tuples_to_tensors(tuples: Sequence[MinedTuple]) -> dict[str, torch.Tensor]:
+    """Mined tuples as int64 columns, for checkpoints: tensors, not arrays, since they are
+    read back with ``weights_only=True``."""
+
+    def column(values: list) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(values, dtype=np.int64))
+
+    return {
+        "query": column([t.query for t in tuples]),  # [M]
+        "hard_positive": column([t.hard_positive for t in tuples]),  # [M]
+        "negatives": column([t.negatives for t in tuples]),  # [M, neg_num]
+        "positives": column([t.positives for t in tuples]),  # [M, pos_num]
+    }
+
+
+def tuples_from_tensors(state: dict[str, torch.Tensor]) -> list[MinedTuple]:
+    """The tuples :func:`tuples_to_tensors` stored."""
+    return [
+        MinedTuple(int(q), int(p), n.numpy(), s.numpy())
+        for q, p, n, s in zip(state["query"], state["hard_positive"], state["negatives"], state["positives"], strict=True)
+    ]

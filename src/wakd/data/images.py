@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
@@ -198,5 +198,51 @@ def uint8_images(dataset: Dataset) -> Dataset | None:
         return None if inner is None else Subset(inner, dataset.indices)
     if isinstance(dataset, ConcatDataset):
         parts = [uint8_images(d) for d in dataset.datasets]
-        return None if any(p is None for p in parts) else ConcatDataset(parts)  # type: ignore[arg-type]
+        return None if any(p is None for p in parts) else type(dataset)(parts)  # type: ignore[arg-type]
     return None
+
+
+class ConcatImages(ConcatDataset):
+    """Image lists one after another, items ``(image, index, valid)`` with the index in the
+    whole (ConcatDataset alone keeps each list's own): validation collects descriptors by it."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        image, _, valid = super().__getitem__(i)
+        return image, i, valid
+
+
+def cpu_workers(num_workers: int) -> int:
+    """DataLoader workers for extraction on the CPU: at most one per core the forward's
+    ``torch.get_num_threads()`` threads leave free, so none on a 2-core machine with 2
+    threads: decoding inline there reached 0.85 of the bare forward at 480x640 against
+    0.69 with one worker and 0.68 with two (bench/p2_extraction.py; similar on 96x128)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = max(0, cores - torch.get_num_threads())
+    if num_workers > limit:
+        log.debug("extraction on the CPU: %d DataLoader workers instead of %d", limit, num_workers)
+    return min(num_workers, limit)
+
+
+def extraction_loader(
+    dataset: Dataset, *, batch_size: int, num_workers: int, device: torch.device | str
+) -> DataLoader:
+    """In-order batches of ``dataset`` (items ``(image, index, valid)``) for describing it.
+
+    Images of ``ImageListDataset``s (also inside ``Subset`` / ``ConcatDataset``) come uint8
+    (``uint8_images``): the consumer converts them with ``to_float``, batched. On the CPU the
+    forward already uses ``torch.get_num_threads()`` cores, so at most ``cpu_workers``
+    workers run: a worker on a busy core only steals cycles from the forward, and decoding
+    inline is cheaper.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        num_workers = cpu_workers(num_workers)
+    raw = uint8_images(dataset)
+    return DataLoader(
+        raw if raw is not None else dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

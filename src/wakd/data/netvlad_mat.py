@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.io
+
+from wakd.atomic import atomic_write_path
 
 REQUIRED_FIELDS = (
     "whichSet",
@@ -128,9 +129,7 @@ def load_dbstruct(path: str | os.PathLike) -> DbStruct:
 
 
 def save_dbstruct(db: DbStruct, path: str | os.PathLike) -> None:
-    """Write ``db`` in the original layout (atomically: temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``db`` in the original layout (atomically, :mod:`wakd.atomic`)."""
     fields: dict[str, object] = {
         "whichSet": db.split,
         "dbImageFns": np.array(db.db_image_fns, dtype=object).reshape(-1, 1),
@@ -147,11 +146,5 @@ def save_dbstruct(db: DbStruct, path: str | os.PathLike) -> None:
     if db.has_timestamps:
         fields["dbTimeStamp"] = np.asarray(db.db_timestamps, dtype=np.int32).reshape(1, -1)
         fields["qTimeStamp"] = np.asarray(db.q_timestamps, dtype=np.int32).reshape(1, -1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write_path(path) as tmp:
         scipy.io.savemat(tmp, {"dbStruct": fields})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

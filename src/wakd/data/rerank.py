@@ -15,10 +15,12 @@ images with squared L2 distances d:
    (= 1 - s / (2 - s) with s the sum of minima, as both rows sum to 1).
 7. Final distance (1 - lambda) d_J + lambda d.
 
-Only the (k1 + 1)-nearest-neighbour lists of X are kept (exact, by chunked matrix
-products: O(|X|^2 D) time, O(|X| k1) memory; no |X| x |X| matrix is ever stored or
-sorted), and V only for the rows the requested pairs need. On Pitts30k-train (17.4k x
-32k-d) that product is ~10 TFLOP per mining round: instant on a GPU, minutes on 2 CPU cores.
+Only the (k1 + 1)-nearest-neighbour lists of X are kept (exact, by faiss in chunks,
+:func:`wakd.knn.knn_graph`: O(|X|^2 D) time, O(|X| k1) memory; no |X| x |X| matrix is
+ever stored or sorted), and V only for the rows the requested pairs need. On
+Pitts30k-train (17.4k x 32k-d) each of its two passes (the neighbours, then each row's
+farthest row for step 1) is ~10 T multiply-adds per mining round: seconds on a GPU,
+minutes on 2 CPU cores.
 
 Differences to OpenIBL's ``re_ranking`` (which builds and argsorts the full matrix): that
 one squares the distances it is given and OpenIBL gives it squared distances already, so
@@ -33,72 +35,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["k_reciprocal_distances", "knn_graph"]
+from wakd.knn import gpu_available, knn_graph, pair_sq_distances
 
-
-def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-
-
-@torch.no_grad()
-def knn_graph(
-    x: np.ndarray | torch.Tensor,
-    k: int,
-    *,
-    device: torch.device | str = "cpu",
-    row_chunk: int = 2048,
-    col_chunk: int = 16384,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The k nearest rows of every row of ``x`` [N, D] (itself included) by squared L2.
-
-    Tiles of at most ``row_chunk`` x ``col_chunk`` distances, in fp32 on ``device``.
-    Returns (distances [N, k] ascending, indices [N, k] int64, row maxima [N]); a row's
-    distance to itself is exactly 0.
-    """
-    device = torch.device(device)
-    xs = _as_tensor(x).to(device)
-    n = xs.shape[0]
-    k = min(k, n)
-    norms = torch.cat([xs[i : i + row_chunk].float().pow(2).sum(1) for i in range(0, n, row_chunk)])
-    out_d = torch.empty((n, k), dtype=torch.float32, device=device)
-    out_i = torch.empty((n, k), dtype=torch.int64, device=device)
-    row_max = torch.zeros(n, dtype=torch.float32, device=device)
-    for r0 in range(0, n, row_chunk):
-        r1 = min(r0 + row_chunk, n)
-        xr = xs[r0:r1].float()
-        best_d = torch.full((r1 - r0, k), float("inf"), device=device)
-        best_i = torch.full((r1 - r0, k), -1, dtype=torch.int64, device=device)
-        for c0 in range(0, n, col_chunk):
-            c1 = min(c0 + col_chunk, n)
-            d = (norms[r0:r1, None] + norms[None, c0:c1] - 2.0 * xr @ xs[c0:c1].float().T).clamp_min_(0)
-            lo, hi = max(r0, c0), min(r1, c1)
-            if lo < hi:  # the tile crosses the diagonal: self-distances are 0, not rounding noise
-                diag = torch.arange(lo, hi, device=device)
-                d[diag - r0, diag - c0] = 0.0
-            row_max[r0:r1] = torch.maximum(row_max[r0:r1], d.max(1).values)
-            kk = min(k, c1 - c0)
-            tile_d, tile_i = d.topk(kk, dim=1, largest=False)
-            merged_d = torch.cat([best_d, tile_d], 1)
-            merged_i = torch.cat([best_i, tile_i + c0], 1)
-            best_d, pick = merged_d.topk(k, dim=1, largest=False)
-            best_i = merged_i.gather(1, pick)
-        out_d[r0:r1], out_i[r0:r1] = best_d, best_i
-    return out_d.cpu().numpy(), out_i.cpu().numpy(), row_max.cpu().numpy()
-
-
-@torch.no_grad()
-def _pair_sq_dist(
-    xs: torch.Tensor, a: np.ndarray, b: np.ndarray, device: torch.device, chunk: int = 4096
-) -> np.ndarray:
-    """Squared L2 distances of the row pairs (a[p], b[p]), in fp32."""
-    out = np.empty(len(a), dtype=np.float32)
-    ta, tb = torch.from_numpy(np.asarray(a, np.int64)), torch.from_numpy(np.asarray(b, np.int64))
-    for p0 in range(0, len(a), chunk):
-        xa = xs[ta[p0 : p0 + chunk].to(xs.device)].to(device).float()
-        xb = xs[tb[p0 : p0 + chunk].to(xs.device)].to(device).float()
-        out[p0 : p0 + chunk] = (xa - xb).pow(2).sum(1).cpu().numpy()
-    out[np.asarray(a) == np.asarray(b)] = 0.0
-    return out
+__all__ = ["k_reciprocal_distances"]
 
 
 def _reciprocal_mask(nn: np.ndarray, rows: np.ndarray, k: int, chunk: int = 8192) -> np.ndarray:
@@ -112,13 +51,12 @@ def _reciprocal_mask(nn: np.ndarray, rows: np.ndarray, k: int, chunk: int = 8192
 
 
 def _k_reciprocal_weights(
-    xs: torch.Tensor,
+    x: np.ndarray,
     nn: np.ndarray,
     nn_dist: np.ndarray,
     row_max: np.ndarray,
     rows: np.ndarray,
     k1: int,
-    device: torch.device,
     chunk: int = 1024,
 ) -> sp.csr_matrix:
     """V of steps 3-4 for ``rows`` (other rows empty), as a sparse [N, N] matrix."""
@@ -156,7 +94,7 @@ def _k_reciprocal_weights(
     found = table_key[sort_key][pos] == key
     dist[found] = nn_dist.reshape(-1)[sort_key[pos[found]]]
     if (~found).any():
-        dist[~found] = _pair_sq_dist(xs, row_idx[~found], col_idx[~found], device)
+        dist[~found] = pair_sq_distances(x, row_idx[~found], col_idx[~found])
     weight = np.exp(-dist / np.maximum(row_max[row_idx], 1e-12))
     sums = np.bincount(row_idx, weights=weight, minlength=n)
     values = weight / sums[row_idx]
@@ -164,19 +102,21 @@ def _k_reciprocal_weights(
 
 
 def k_reciprocal_distances(
-    features: np.ndarray | torch.Tensor,
+    features: np.ndarray,
     a: np.ndarray,
     b: np.ndarray,
     *,
     k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
+    k2: int = 1,
+    lambda_value: float = 0.1,
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-ranked and Jaccard distances of the row pairs (a[p], b[p]) of ``features`` [N, D].
 
     Returns (final [P], jaccard [P]) with final = (1 - lambda) * jaccard + lambda * d, d the
     squared L2 distance divided by the maximum of row a[p] (steps in the module docstring).
+    The neighbour search runs on faiss's GPU when ``device`` is a CUDA device and this
+    faiss build has GPU support, on the CPU otherwise.
     """
     if k1 < 1 or k2 < 1 or not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"need k1 >= 1, k2 >= 1, 0 <= lambda <= 1 (got {k1}, {k2}, {lambda_value})")
@@ -184,28 +124,28 @@ def k_reciprocal_distances(
     b = np.asarray(b, dtype=np.int64).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"pair index arrays differ in length: {a.shape} vs {b.shape}")
-    device = torch.device(device)
-    xs = _as_tensor(features).to(device)
-    n = xs.shape[0]
+    x = np.asarray(features)
+    n = x.shape[0]
     if len(a) == 0:
         return np.empty(0, np.float32), np.empty(0, np.float32)
     k = min(max(k1 + 1, k2), n)
-    nn_dist, nn, row_max = knn_graph(xs, k, device=device)
+    use_gpu = torch.device(device).type == "cuda" and gpu_available()
+    nn_dist, nn, row_max = knn_graph(x, k, use_gpu=use_gpu)
     k1 = min(k1, k - 1)
     ends = np.unique(np.concatenate([a, b]))  # rows whose expanded V the pairs need
     k2 = min(k2, k)
     if k2 > 1:
         expand_rows = np.unique(nn[ends, :k2])
-        v = _k_reciprocal_weights(xs, nn, nn_dist, row_max, expand_rows, k1, device)
+        v = _k_reciprocal_weights(x, nn, nn_dist, row_max, expand_rows, k1)
         mean = sp.csr_matrix(
             (np.full(len(ends) * k2, 1.0 / k2), (np.repeat(ends, k2), nn[ends, :k2].reshape(-1))),
             shape=(n, n),
         )
         v = (mean @ v).tocsr()
     else:
-        v = _k_reciprocal_weights(xs, nn, nn_dist, row_max, ends, k1, device)
+        v = _k_reciprocal_weights(x, nn, nn_dist, row_max, ends, k1)
     overlap = np.asarray(v[a].minimum(v[b]).sum(axis=1)).reshape(-1)
     jaccard = (1.0 - overlap / (2.0 - overlap)).astype(np.float32)
-    original = _pair_sq_dist(xs, a, b, device) / np.maximum(row_max[a], 1e-12)
+    original = pair_sq_distances(x, a, b) / np.maximum(row_max[a], 1e-12)
     final = (1.0 - lambda_value) * jaccard + lambda_value * original
     return final.astype(np.float32), jaccard

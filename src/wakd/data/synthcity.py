@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wakd.atomic import atomic_write_json
 from wakd.data.netvlad_mat import DbStruct, save_dbstruct
 from wakd.data.synthcity_render import (
     PX_PER_M,
@@ -76,7 +77,7 @@ class CityConfig:
     query_lateral: float = 3.0  # max offset across the street (m); keeps queries on the road
     # Calibrated on 'demo' test (2 seeds, 300 queries): heading jitter 25 deg, lighting 0.8
     # and up to 4 occluders left raw pixels at R@1 0.11-0.14, barely 4x chance; these
-    # values give ~0.20 (chance 0.03), the prototype's regime (DESIGN.md section 4).
+    # values give ~0.20 (chance 0.03), the prototype's regime (docs/design.md, synthetic city).
     query_heading_jitter_deg: float = 15.0  # around one of the database headings
     lighting_strength: float = 0.6  # queries draw a time-of-day change in [-s, s]
     effects: QueryEffects = field(default_factory=QueryEffects)
@@ -203,7 +204,7 @@ class City:
         last = k == len(SPLITS) - 1
         return (xy[:, 0] >= lo) & ((xy[:, 0] <= hi) if last else (xy[:, 0] < hi))
 
-    def _cut(self, spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _street_pieces(self, spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every street cut into pieces of about ``spacing`` metres: centres, axes, half lengths."""
         centres, axes, halves = [], [], []
         for seg in self.segments:
@@ -216,7 +217,7 @@ class City:
 
     def places(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Database panorama positions [P, 2] and street axes [P] (degrees) of a split."""
-        xy, axis, _ = self._cut(self.config.place_spacing)
+        xy, axis, _ = self._street_pieces(self.config.place_spacing)
         m = self._split_mask(xy, split)
         return xy[m], axis[m]
 
@@ -225,7 +226,7 @@ class City:
 
         Returns centres [C, 2], street axes [C] (degrees) and half lengths [C] (metres).
         """
-        xy, axis, half = self._cut(cell_size)
+        xy, axis, half = self._street_pieces(cell_size)
         m = self._split_mask(xy, split)
         return xy[m], axis[m], half[m]
 
@@ -422,9 +423,7 @@ def generate_city(
         save_dbstruct(db, root / f"synthcity_{split}.mat")
         counts[split] = {"db": db.num_db, "queries": db.num_queries}
         first_place, first_query = first_place + len(xy), first_query + len(q_poses)
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(_manifest(preset, seed, counts), indent=2))
-    os.replace(tmp, root / MANIFEST)
+    atomic_write_json(root / MANIFEST, _manifest(preset, seed, counts))
     return root
 
 

@@ -16,8 +16,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from wakd.atomic import atomic_write_bytes
 from wakd.eval.recall import hit_matrix
-from wakd.eval.report import atomic_write_bytes
 
 CORRECT_COLOR = "tab:green"
 WRONG_COLOR = "tab:red"

@@ -1,55 +1,22 @@
 """Evaluation outputs: results.json, predictions.npz and Markdown recall tables.
 
-Every file is written to a temporary name in the destination folder and then
-renamed, so a crash never leaves a truncated result behind.
+Every file is written through :mod:`wakd.atomic`, so a crash never leaves a truncated
+result behind.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from wakd.atomic import atomic_write_json, atomic_write_path
+
 RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.npz"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write`` on a temporary file next to ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_results(
@@ -110,7 +77,11 @@ def write_predictions(
         "topk": topk,
         "distances": distances,
     }
-    return atomic_write(Path(run_dir) / PREDICTIONS_NAME, lambda f: np.savez(f, **arrays))
+    path = Path(run_dir) / PREDICTIONS_NAME
+    # An open file, not the name: np.savez would append ".npz" to the temporary name.
+    with atomic_write_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return path
 
 
 def recall_table(

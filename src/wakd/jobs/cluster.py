@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -43,6 +44,18 @@ def compute_centroids(
     out_path = Path(out_path)
     write_centroid_file(out_path, centroids, features)
     return out_path
+
+
+def init_netvlad(net: PlaceNet, centroids: str | Path, cluster: Callable[[Path], object] | None = None) -> None:
+    """NetVLAD of ``net`` from the k-means file ``centroids``: train.py has ``cluster`` write
+    it first when it is missing; eval.py evaluates an untrained network without one as it is
+    (random centroids)."""
+    centroids = Path(centroids)
+    if not centroids.is_file():
+        if cluster is None:
+            return
+        cluster(centroids)
+    net.pool.init_from_hdf5(centroids)
 
 
 def run(cfg: DictConfig) -> Path:

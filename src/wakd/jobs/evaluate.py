@@ -15,10 +15,11 @@ from torch.utils.data import Subset
 from wakd.data.datamodule import split_images
 from wakd.data.datasets import PlaceSplit, load_split, split_files
 from wakd.data.images import build_transform
-from wakd.eval.evaluate import Retrieval, evaluate_split
-from wakd.eval.extract import extract_descriptors
+from wakd.describe import extract_descriptors
 from wakd.eval.plots import pick_examples, plot_attention, plot_recall_curve, plot_retrievals
 from wakd.eval.report import recall_table, write_predictions, write_results
+from wakd.eval.retrieval import Retrieval, evaluate_split
+from wakd.jobs.cluster import init_netvlad
 from wakd.jobs.common import (
     build_net,
     file_digest,
@@ -174,10 +175,7 @@ def run(cfg: DictConfig) -> dict[int, float]:
     split = load_dataset_split(cfg.dataset, cfg.split)
     net = load_eval_net(cfg)
     if isinstance(net, PlaceNet) and cfg.ckpt is None:
-        # An untrained NetVLAD still needs its centroids: use the clustered ones when present.
-        centroids = Path(cfg.centroids)
-        if centroids.is_file():
-            net.pool.init_from_hdf5(centroids)
+        init_netvlad(net, cfg.centroids)  # an untrained NetVLAD: the clustered centroids, when present
     pca_fit, pca_file = None, None
     if cfg.pca and isinstance(net, PlaceNet):
         net.pca, pca_fit, pca_file = fit_pca(net, cfg, split)

@@ -9,9 +9,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from wakd.jobs.cluster import compute_centroids
+from wakd.jobs.cluster import compute_centroids, init_netvlad
 from wakd.jobs.common import build_net, ensure_dataset, file_digest
-from wakd.modules.place_module import GenerationSchedule, PlaceModule
+from wakd.models.place_net import PlaceNet
+from wakd.modules.place_module import PlaceModule
 from wakd.pretrained import check_start_files
 
 
@@ -34,7 +35,18 @@ def check_writable(directory: str | Path) -> None:
                       "Choose another with paths.log_dir=DIR or free some space.") from exc
 
 
-def build_teacher(cfg: DictConfig) -> tuple[Any, dict]:
+def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with the run's callbacks and loggers."""
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+        **overrides,
+    )
+
+
+def build_teacher(cfg: DictConfig) -> tuple[PlaceNet | None, dict]:
+    """The teacher network from ``teacher.ckpt`` (None for teacher=none) and what checkpoints record of it."""
     if cfg.get("teacher") is None:
         return None, {}
     ckpt = Path(cfg.teacher.ckpt)
@@ -51,54 +63,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     datamodule.setup("fit")
-    net = build_net(cfg.model)
-    # A resumed run restores NetVLAD from its checkpoint; a trained place network as the
-    # start (model.weights) brings its own.
-    if not cfg.ckpt_path and not net.pool_from_weights:
-        centroids = Path(cfg.centroids)
-        if not centroids.is_file():
-            compute_centroids(net, cfg.dataset, centroids, num_images=cfg.cluster.num_images,
-                              features_per_image=cfg.cluster.features_per_image, seed=cfg.seed,
-                              num_workers=cfg.datamodule.num_workers,
-                              skip_corrupt=cfg.datamodule.skip_corrupt)
-        net.pool.init_from_hdf5(centroids)
+    # configs/module/place.yaml, the student built from model.*; the rest only this run knows.
+    build_module = hydra.utils.instantiate(cfg.module, _partial_=True)
     teacher, teacher_info = build_teacher(cfg)
-
-    schedule = GenerationSchedule(
-        count=cfg.train.generations,
-        first_passes=cfg.train.first_passes,
-        passes=cfg.train.passes,
-        rounds_per_pass=datamodule.rounds_per_pass,
-    )
-    module = PlaceModule(
-        net,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        hard_loss_name=cfg.loss.hard,
-        tau=cfg.loss.tau,
-        margin=cfg.loss.margin,
-        soft_weight=cfg.loss.soft_weight,
-        tau_per_generation=cfg.loss.tau_per_generation,
-        schedule=schedule,
+    module: PlaceModule = build_module(
         teacher=teacher,
         teacher_info=teacher_info,
-        distill_weight=cfg.distill.weight,
-        distill_vlad=cfg.distill.vlad,
-        distill_attention=cfg.distill.attention,
-        distill_center=cfg.distill.center,
-        teacher_cache=bool(cfg.teacher.get("cache", False)) if teacher is not None else False,
-        pos_num=cfg.datamodule.pos_num,
-        eval_ns=cfg.eval_ns,
-        val_every_n_rounds=cfg.train.val_every_n_rounds,
-        freeze_batchnorm=cfg.train.freeze_batchnorm,
+        rounds_per_pass=datamodule.rounds_per_pass,
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
     )
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
-        max_epochs=schedule.total_rounds,
-    )
+    # A resumed run restores NetVLAD from its checkpoint; a trained place network as the
+    # start (model.weights) brings its own.
+    if not cfg.ckpt_path and not module.net.pool_from_weights:
+        init_netvlad(module.net, cfg.centroids, cluster=lambda path: compute_centroids(
+            module.net, cfg.dataset, path, num_images=cfg.cluster.num_images,
+            features_per_image=cfg.cluster.features_per_image, seed=cfg.seed,
+            num_workers=cfg.datamodule.num_workers, skip_corrupt=cfg.datamodule.skip_corrupt,
+        ))
+    trainer = build_trainer(cfg, max_epochs=module.schedule.total_rounds)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -22,7 +22,7 @@ Names and cut points (total stride in brackets):
   112 ch (16). Always followed by a 1x1 conv -> ``proj_dim`` (default 512) +
   BatchNorm + Hardswish, so its local features are as wide as the teacher's.
 * ``resnet18`` / ``resnet50``: ``cut='layer3'`` (default: stride 16 kept small
-  demo images usable, see DESIGN.md section 4) 256 / 1024 ch, or ``'layer4'``
+  demo images usable, see docs/design.md) 256 / 1024 ch, or ``'layer4'``
   512 / 2048 ch (32). Optional projection.
 
 ``trainable``: ``'default'`` (above), ``'all'`` or ``'none'``.

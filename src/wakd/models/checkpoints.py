@@ -35,9 +35,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,21 +58,6 @@ _MATCONVNET_VGG_KEY = re.compile(r"^\d+\.(weight|bias)$")
 INPUT_NORM_KEYS = frozenset(
     f"{prefix}normalize.{name}" for prefix in ("backbone.", "") for name in ("mean", "std")
 )
-
-
-@contextmanager
-def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_torch_file(path: str | os.PathLike) -> object:
@@ -202,7 +185,7 @@ def place_net_state(state: StateDict) -> StateDict:
     return state
 
 
-def netvlad_state(path: str | os.PathLike) -> StateDict | None:
+def read_netvlad_state(path: str | os.PathLike) -> StateDict | None:
     """The NetVLAD layer (``conv.weight``, ``centroids``) of a whole trained place network
     in any supported layout, or None when the file holds a backbone only (ImageNet,
     pretraining)."""

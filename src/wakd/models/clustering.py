@@ -2,7 +2,7 @@
 
 The reference ``cluster.py`` clustered pooled outputs; NetVLAD's centroids live
 in the space of *dense*, per-location L2-normalised conv features, which is what
-is sampled here (DESIGN.md section 1, "Clustering").
+is sampled here (docs/method.md, "NetVLAD").
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from wakd.models.checkpoints import atomic_write_path
+from wakd.atomic import atomic_write_path
 from wakd.models.modes import evaluating
 
 

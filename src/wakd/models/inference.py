@@ -1,6 +1,6 @@
 """Fast inference-only copies of descriptor networks (extraction, mining, evaluation).
 
-Measured on a 2-core AMD EPYC (``bench/p1_speedup.py``, DESIGN.md section 7): for
+Measured on a 2-core AMD EPYC (``bench/p1_speedup.py``, docs/design.md "Fast extraction"): for
 MobileNetV3-L + NetVLAD at 480x640 ONNX Runtime is by far the fastest CPU path, then
 ``torch.compile`` (but ~35 s to compile, again after every weight change), then
 BatchNorm folding + channels_last; ``torch.jit.freeze`` adds nothing over the latter.

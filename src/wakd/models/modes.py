@@ -1,4 +1,4 @@
-"""Evaluation mode for a while, then every submodule's own mode back."""
+"""Module modes: evaluation for a while (then every submodule's own mode back), or frozen for good."""
 
 from __future__ import annotations
 
@@ -20,3 +20,11 @@ def evaluating(net: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def frozen(net: nn.Module) -> nn.Module:
+    """``net`` in eval mode without gradients, for good: a teacher, or the previous SFRS
+    generation (its BatchNorm statistics and weights stay as trained)."""
+    net.eval()
+    net.requires_grad_(False)
+    return net

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from wakd.models.checkpoints import atomic_write_path
+from wakd.atomic import atomic_write_path
 
 
 def _primal_eig(centred: Tensor) -> tuple[Tensor, Tensor]:

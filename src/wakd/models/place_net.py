@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wakd.models.backbones import Backbone, build_backbone
-from wakd.models.checkpoints import load_checked, netvlad_state
+from wakd.models.checkpoints import load_checked, read_netvlad_state
 from wakd.models.netvlad import NetVLAD
 from wakd.models.normalization import InputNorm
 from wakd.models.pca import PCAWhitening
@@ -88,7 +88,7 @@ def build_place_net(
     """
     net = build_backbone(backbone, weights, cut, trainable, proj_dim, bn_momentum, input_norm)
     place_net = PlaceNet(net, NetVLAD(num_clusters, net.out_channels))
-    pool_state = netvlad_state(weights) if weights not in (None, "imagenet") else None
+    pool_state = read_netvlad_state(weights) if weights not in (None, "imagenet") else None
     if pool_state is not None:
         load_checked(place_net.pool, pool_state, weights)
         place_net.pool_from_weights = True

@@ -2,18 +2,23 @@
 
 Without a teacher it trains a NetVLAD model with the hard loss (this is also how a
 teacher is trained). With a teacher it adds the similarity-preserving distillation
-L = L_hard + w_soft * L_soft + w_distill * (MSE_vlad + MSE_att) (DESIGN.md section 1).
+L = L_hard + w_soft * L_soft + w_distill * (MSE_vlad + MSE_att) (docs/method.md, "Losses").
 The frozen teacher and the previous generation's model are deliberately *not*
 registered submodules: DDP never wraps them, the optimizer never sees them and the
 student's checkpoint stores only the student (plus the teacher's path and hash).
 With ``teacher_cache=True`` the teacher's targets of all training images are computed
 once at fit start (:mod:`wakd.modules.teacher_cache`) and looked up by image id.
+
+A Lightning epoch is one mining round; :class:`wakd.modules.mining.TupleMining` mines it
+(the module brings that callback along) and the datamodule serves its tuples. Validation
+runs in Lightning's loop (:class:`wakd.modules.validation.RecallValidation`), every
+``trainer.check_val_every_n_epoch`` rounds. Built from ``configs/module/place.yaml``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +27,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from wakd.eval.evaluate import evaluate_split
 from wakd.losses import distill_loss, hard_loss, hardest_regions, sfrs_soft_loss, teacher_targets
+from wakd.models.modes import frozen
 from wakd.models.place_net import PlaceNet
+from wakd.modules.mining import TupleMining
 from wakd.modules.teacher_cache import TeacherCache, build_teacher_cache
+from wakd.modules.validation import RecallValidation
+
+# (parameters) -> optimizer and (optimizer) -> scheduler: configs/optimizer, configs/scheduler (_partial_)
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 @dataclass(frozen=True)
@@ -63,26 +74,33 @@ def reference_gram_rows(neg_num: int, pos_num: int, device: torch.device | None 
     return torch.cat([hard, soft]).to(device)
 
 
-def _frozen(net: nn.Module) -> nn.Module:
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+class PlaceModule(RecallValidation, L.LightningModule):
+    """NetVLAD training with the hard loss, SFRS generations and, with a ``teacher``, WAKD.
 
+    ``hard_loss_name``: one of ``wakd.losses.HARD_LOSSES`` (``triplet`` takes ``margin``,
+    SARE ``tau``, also the soft loss's temperature); ``soft_weight``, ``tau_per_generation``:
+    the SFRS soft loss; ``generations``, ``first_passes``, ``passes`` (in passes over the
+    training queries of ``rounds_per_pass`` rounds): :class:`GenerationSchedule`;
+    ``distill_*``: the distillation terms (:func:`wakd.losses.distill_loss`).
+    ``teacher_info`` (name, path, hash) and ``model_config`` (the architecture eval.py
+    rebuilds) go into every checkpoint.
+    """
 
-class PlaceModule(L.LightningModule):
     def __init__(
         self,
         net: PlaceNet,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any] | None = None,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
         *,
         hard_loss_name: str = "sare_ind",
         tau: float = 0.07,
         margin: float = 0.1**0.5,
         soft_weight: float = 0.5,
         tau_per_generation: Sequence[float] = (0.07, 0.07, 0.06, 0.05),
-        schedule: GenerationSchedule | None = None,
+        generations: int = 4,
+        first_passes: int = 1,
+        passes: int = 5,
+        rounds_per_pass: int = 1,
         teacher: PlaceNet | None = None,
         teacher_info: dict | None = None,
         distill_weight: float = 100.0,
@@ -92,18 +110,20 @@ class PlaceModule(L.LightningModule):
         teacher_cache: bool = False,
         pos_num: int = 3,
         eval_ns: Sequence[int] = (1, 5, 10),
-        val_every_n_rounds: int = 1,
         freeze_batchnorm: bool = False,
         model_config: dict | None = None,
     ) -> None:
         super().__init__()
+        # The settings, not the objects: checkpoints load with weights_only=True, which
+        # refuses pickled modules and partials (the composed config.yaml records those).
+        self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler"])
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.hard_loss_name, self.tau, self.margin = hard_loss_name, tau, margin
         self.soft_weight = soft_weight
         self.tau_per_generation = tuple(tau_per_generation)
-        self.schedule = schedule or GenerationSchedule()
+        self.schedule = GenerationSchedule(generations, first_passes, passes, rounds_per_pass)
         self.distill_weight = distill_weight
         self.distill_vlad, self.distill_attention = distill_vlad, distill_attention
         self.distill_center = distill_center
@@ -111,23 +131,21 @@ class PlaceModule(L.LightningModule):
         self.teacher_cache: TeacherCache | None = None  # filled at fit start, never checkpointed
         self.pos_num = pos_num
         self.eval_ns = tuple(eval_ns)
-        self.val_every_n_rounds = val_every_n_rounds
         self.freeze_batchnorm = freeze_batchnorm
         self.model_config = model_config or {}
         self.teacher_info = teacher_info or {}
         # Unregistered on purpose (see module docstring): kept in __dict__, moved by hand.
-        object.__setattr__(self, "teacher", _frozen(teacher) if teacher is not None else None)
+        object.__setattr__(self, "teacher", frozen(teacher) if teacher is not None else None)
         object.__setattr__(self, "prev_net", None)
         self.generation = 0
         self.initial_state: dict[str, torch.Tensor] | None = None
-        self._last_val: dict[str, float] = {}
 
     # ----------------------------------------------------------------- set-up
     def train(self, mode: bool = True) -> PlaceModule:
         super().train(mode)
-        for frozen in (self.teacher, self.prev_net):
-            if frozen is not None:
-                frozen.eval()  # Lightning's model.train() must not wake BatchNorm of frozen nets
+        for net in (self.teacher, self.prev_net):
+            if net is not None:
+                net.eval()  # Lightning's model.train() must not wake BatchNorm of frozen nets
         if mode:
             self._freeze_batchnorm()
         return self
@@ -139,14 +157,18 @@ class PlaceModule(L.LightningModule):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [TupleMining()]
+
     def on_train_epoch_start(self) -> None:
+        self.start_round(self.current_epoch)
         # Lightning does not call train() when fitting starts; it keeps submodule modes.
         self._freeze_batchnorm()
 
     def on_fit_start(self) -> None:
-        for frozen in (self.teacher, self.prev_net):
-            if frozen is not None:
-                frozen.to(self.device)
+        for net in (self.teacher, self.prev_net):
+            if net is not None:
+                net.to(self.device)
         if self.use_teacher_cache and self.distill_weight > 0:
             self.fill_teacher_cache()
         if self.initial_state is None and self.schedule.count > 1:
@@ -196,16 +218,26 @@ class PlaceModule(L.LightningModule):
 
     # ------------------------------------------------------------ generations
     def start_round(self, round_index: int) -> None:
-        """Called by the datamodule before mining a round: enter a new generation if due."""
+        """Enter a new generation if round ``round_index`` starts one: the trained network
+        becomes the (frozen) previous generation, the student restarts from its initial
+        weights with a new optimizer."""
         generation = self.schedule.generation_of(round_index)
         if generation == self.generation:
             return
-        prev = copy.deepcopy(self.net)
-        object.__setattr__(self, "prev_net", _frozen(prev))
+        object.__setattr__(self, "prev_net", frozen(copy.deepcopy(self.net)))
         if self.initial_state is not None:
             self.net.load_state_dict(self.initial_state)
         self._reset_optimizers()
         self.generation = generation
+
+    def net_at_round_start(self, round_index: int) -> nn.Module:
+        """The network round ``round_index`` starts from, to mine that round before it starts:
+        the student as it is, or at the start of a new generation its initial weights."""
+        if self.schedule.generation_of(round_index) == self.generation or self.initial_state is None:
+            return self.net
+        net = copy.deepcopy(self.net)
+        net.load_state_dict(self.initial_state)
+        return net
 
     def _reset_optimizers(self) -> None:
         """A new optimizer per generation: clear momentum and restore the initial learning rate."""
@@ -293,32 +325,12 @@ class PlaceModule(L.LightningModule):
         self.log("train/generation", float(self.generation), batch_size=b)
         return loss
 
-    # ------------------------------------------------------------- validation
-    def on_train_epoch_end(self) -> None:
-        datamodule = self.trainer.datamodule
-        last_round = self.current_epoch + 1 >= self.trainer.max_epochs
-        if (self.current_epoch + 1) % self.val_every_n_rounds == 0 or last_round or not self._last_val:
-            result = evaluate_split(
-                self.net,
-                datamodule.val_split,
-                datamodule.val_images(),
-                ns=self.eval_ns,
-                batch_size=datamodule.eval_batch_size,
-                num_workers=datamodule.num_workers,
-                device=self.device,
-            )
-            self._last_val = {f"val/R@{n}": float(r) for n, r in result.recall.items()}
-        # Re-logging the last values on rounds without validation keeps the checkpoint monitor defined.
-        for key, value in self._last_val.items():
-            self.log(key, value, prog_bar=key in ("val/R@1", "val/R@5"), sync_dist=False)
-
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["wakd"] = {
             "model": self.model_config,
             "generation": self.generation,
             "teacher": self.teacher_info,
-            "last_val": dict(self._last_val),
             "prev_net": self.prev_net.state_dict() if self.prev_net is not None else None,
             "initial_state": self.initial_state,
         }
@@ -326,10 +338,9 @@ class PlaceModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("wakd", {})
         self.generation = int(state.get("generation", 0))
-        self._last_val = dict(state.get("last_val", {}))
         self.initial_state = state.get("initial_state")
         if state.get("prev_net") is not None:
             prev = copy.deepcopy(self.net)
             prev.load_state_dict(state["prev_net"])
-            object.__setattr__(self, "prev_net", _frozen(prev))
+            object.__setattr__(self, "prev_net", frozen(prev))
 

@@ -15,7 +15,7 @@ weights expect, whatever the student's normalisation), the teacher in eval mode 
 training augmentation on, the cached target is therefore that of the un-augmented view,
 while the live teacher would see the same jittered image as the student.
 
-Extraction reuses :func:`wakd.eval.extract.extract_descriptors`: under DDP each rank
+Extraction reuses :func:`wakd.describe.extract_descriptors`: under DDP each rank
 describes a strided shard and the shards are all-gathered, so every rank ends with the
 whole cache. The cache is not stored in checkpoints: a resumed fit recomputes it.
 """
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from wakd.eval.extract import extract_descriptors
+from wakd.describe import extract_descriptors
 from wakd.losses import teacher_targets
 from wakd.models.modes import evaluating
 from wakd.models.place_net import PlaceNet

@@ -1,4 +1,4 @@
-"""Summarise a NetVLAD ``.mat`` file: ``python -m wakd.data.inspect FILE.mat`` prints one JSON object."""
+"""Summarise a NetVLAD ``.mat`` file: ``python -m wakd.data.mat_summary FILE.mat`` prints one JSON object."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def summarise(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wakd.data.inspect", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m wakd.data.mat_summary", description=__doc__)
     parser.add_argument("mat", help="a NetVLAD dbStruct .mat file (e.g. pitts30k_train.mat)")
     args = parser.parse_args(argv)
     try:

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from wakd.data.datasets import PlaceSplit
-from wakd.eval.extract import extract_descriptors, split_descriptors
-from wakd.eval.knn import knn_search
+from wakd.describe import extract_descriptors, split_descriptors
 from wakd.eval.recall import dedup_by_group, recall_at_n
+from wakd.knn import knn_search
 
 
 @dataclass

@@ -1,0 +1,186 @@
+"""Exact nearest neighbours by squared L2 distance, with faiss (on the GPU when it can).
+
+One search serves evaluation (queries against the database, :func:`knn_search`) and
+k-reciprocal re-ranking (every training image against all of them, :func:`knn_graph`).
+The Q x N distance matrix is never materialised: the database and the queries are walked
+in chunks, each chunk is converted to fp32 on its own (so fp16 storage keeps the peak
+memory near the size of the stored descriptors), faiss returns the top-k of every
+(query chunk, database chunk) tile, and the per-tile candidates are merged into the
+global top-k. Ties are broken by the lower database index, so results do not depend on
+the chunk sizes or on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+__all__ = ["gpu_available", "knn_graph", "knn_search", "pair_sq_distances"]
+
+# (queries [q,D] fp32, database [n,D] fp32, k) -> (scores [q,k] fp32, indices [q,k] int64)
+TileSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# fp32 chunk [n,D] -> the fp32 rows faiss searches [n,D'] (for the farthest-row search)
+RowMap = Callable[[np.ndarray], np.ndarray]
+
+
+def gpu_available() -> bool:
+    """True when this faiss build has GPU support and torch sees a CUDA device."""
+    # faiss-cpu defines knn_gpu too (it raises); only GPU builds have StandardGpuResources.
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _tile_search(use_gpu: bool | None, metric: int) -> TileSearch:
+    """faiss's brute-force search of one tile, on the current CUDA device (each DDP rank its own) or the CPU."""
+    if use_gpu is None:
+        use_gpu = gpu_available()
+    elif use_gpu and not gpu_available():
+        raise RuntimeError("use_gpu=True but faiss has no GPU support or no CUDA device is visible")
+    if not use_gpu:
+        return lambda xq, xb, k: faiss.knn(xq, xb, k, metric=metric)
+    res = faiss.StandardGpuResources()  # one set of GPU buffers for all tiles of a search
+    return lambda xq, xb, k: faiss.knn_gpu(res, xq, xb, k, metric=metric)
+
+
+def _merge_topk(
+    score: np.ndarray, idx: np.ndarray, k: int, largest: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of candidate lists [q,c] ordered by (score, index) so ties are deterministic."""
+    order = np.lexsort((idx, -score if largest else score), axis=1)[:, :k]  # [q,k]
+    return np.take_along_axis(score, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def _tiled_search(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    db_chunk: int,
+    q_chunk: int,
+    use_gpu: bool | None,
+    metric: int = faiss.METRIC_L2,
+    db_map: RowMap | None = None,
+    q_map: RowMap | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The chunked exact search behind both public searches (module docstring)."""
+    if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
+        raise ValueError(f"shape mismatch: database {database.shape}, queries {queries.shape}")
+    if k < 1 or db_chunk < 1 or q_chunk < 1:
+        raise ValueError(f"k, db_chunk and q_chunk must be positive, got {k}, {db_chunk}, {q_chunk}")
+    tile_search = _tile_search(use_gpu, metric)
+    largest = metric == faiss.METRIC_INNER_PRODUCT
+
+    num_db, num_q = database.shape[0], queries.shape[0]
+    k = min(k, num_db)
+    # Running top-k of every query; the placeholders (index -1) sort after any real hit.
+    out_score = np.full((num_q, k), -np.inf if largest else np.inf, dtype=np.float32)
+    out_idx = np.full((num_q, k), -1, dtype=np.int64)
+
+    # fp32 staging buffers, reused so that a new chunk never coexists with the old one.
+    dim = database.shape[1]
+    xb_buf = np.empty((min(db_chunk, num_db), dim), dtype=np.float32)
+    xq_buf = np.empty((min(q_chunk, num_q), dim), dtype=np.float32)
+
+    # Outer loop over the database so each fp32 database chunk is built once;
+    # the running top-k of all queries ([Q,k]) is small next to it.
+    for d0 in range(0, num_db, db_chunk):
+        xb = xb_buf[: min(db_chunk, num_db - d0)]  # [n,D], contiguous leading rows
+        xb[:] = database[d0 : d0 + xb.shape[0]]
+        xb_searched = xb if db_map is None else db_map(xb)
+        kk = min(k, xb.shape[0])
+        for q0 in range(0, num_q, q_chunk):
+            xq = xq_buf[: min(q_chunk, num_q - q0)]  # [q,D]
+            xq[:] = queries[q0 : q0 + xq.shape[0]]
+            score, idx = tile_search(xq if q_map is None else q_map(xq), xb_searched, kk)  # [q,kk]
+            rows = slice(q0, q0 + xq.shape[0])
+            out_score[rows], out_idx[rows] = _merge_topk(
+                np.concatenate([out_score[rows], score], axis=1),  # [q,k+kk]
+                np.concatenate([out_idx[rows], idx + d0], axis=1),
+                k,
+                largest,
+            )
+    return out_score, out_idx
+
+
+def knn_search(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    db_chunk: int = 16384,
+    q_chunk: int = 4096,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest database rows of every query by squared L2 distance.
+
+    Args:
+        database: [N,D] float16 or float32, normally L2-normalised.
+        queries: [Q,D] float16 or float32.
+        k: neighbours per query; clamped to N.
+        db_chunk: database rows converted to fp32 at a time (16384 x 4096-d = 256 MiB).
+        q_chunk: query rows converted to fp32 at a time.
+        use_gpu: search tiles on a faiss GPU; None picks it when available.
+
+    Returns:
+        distances [Q,k] float32 ascending, indices [Q,k] int64; among equal distances
+        the lower database index comes first.
+    """
+    # Squared L2 of the vectors as stored, not 2 - 2<q,b>: fp16 rounding leaves the
+    # norms slightly off 1, and the reported distances must be exact.
+    return _tiled_search(database, queries, k, db_chunk, q_chunk, use_gpu)
+
+
+def pair_sq_distances(x: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Squared L2 distances [P] float32 of the row pairs (x[a[p]], x[b[p]]), computed directly."""
+    a = np.asarray(a, dtype=np.int64).reshape(-1)
+    b = np.asarray(b, dtype=np.int64).reshape(-1)
+    out = np.empty(len(a), dtype=np.float32)
+    for p0 in range(0, len(a), chunk):
+        diff = x[a[p0 : p0 + chunk]].astype(np.float32) - x[b[p0 : p0 + chunk]].astype(np.float32)
+        out[p0 : p0 + chunk] = np.einsum("pd,pd->p", diff, diff)
+    return out
+
+
+def knn_graph(
+    x: np.ndarray,
+    k: int,
+    *,
+    db_chunk: int = 16384,
+    q_chunk: int = 4096,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k nearest rows of every row of ``x`` [N, D] (itself included) by squared L2.
+
+    Returns (distances [N, k] ascending, indices [N, k] int64, row maxima [N]: each row's
+    largest squared distance to any row). A row's distance to itself is exactly 0 and the
+    row is always in its own list.
+    """
+    n = x.shape[0]
+    k = min(k, n)
+    dist, idx = _tiled_search(x, x, k, db_chunk, q_chunk, use_gpu)
+    # faiss computes |a|^2 + |b|^2 - 2<a,b>, so a row's distance to itself is rounding
+    # noise that near-duplicates could beat: pin it to 0 and keep the row in its list.
+    own = np.arange(n)
+    is_self = idx == own[:, None]
+    dist[is_self] = 0.0
+    missing = np.flatnonzero(~is_self.any(axis=1))
+    dist[missing, -1], idx[missing, -1] = 0.0, missing
+    dist, idx = _merge_topk(dist, idx, k)
+
+    # The farthest row j of i maximises |x_j|^2 - 2<x_i, x_j>, the inner product of
+    # [-2 x_i, 1] and [x_j, |x_j|^2]: one more exact search, top-1 by inner product.
+    def lift_db(rows: np.ndarray) -> np.ndarray:
+        return np.hstack([rows, np.einsum("nd,nd->n", rows, rows)[:, None]])
+
+    def lift_q(rows: np.ndarray) -> np.ndarray:
+        return np.hstack([-2.0 * rows, np.ones((len(rows), 1), np.float32)])
+
+    _, farthest = _tiled_search(
+        x, x, 1, db_chunk, q_chunk, use_gpu, faiss.METRIC_INNER_PRODUCT, lift_db, lift_q
+    )
+    # The search only picks the row; its distance is recomputed without cancellation.
+    row_max = pair_sq_distances(x, own, farthest[:, 0])
+    return dist, idx, row_max
