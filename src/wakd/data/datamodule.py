@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from wakd.data.datasets import PlaceSplit, load_split
 from wakd.data.images import ConcatImages, ImageListDataset, build_transform, extraction_loader
@@ -35,13 +35,26 @@ class TupleDataset(Dataset):
     the split's queries followed by its database images, the order of :func:`split_images`
     (and so of the mining descriptors and the teacher cache): query q is q, database
     image j is ``num_queries + j``.
+
+    Random augmentation of item i is seeded by ``(*seed, i)`` alone, so a tuple looks the
+    same whichever process, DataLoader worker or batch it lands in: a run on several
+    processes or nodes draws the jitter of a 1-process run, ranks do not repeat each
+    other's draws, and a resumed run repeats them.
     """
 
-    def __init__(self, split: PlaceSplit, tuples: Sequence[MinedTuple], transform: Any, skip_corrupt: bool) -> None:
+    def __init__(
+        self,
+        split: PlaceSplit,
+        tuples: Sequence[MinedTuple],
+        transform: Any,
+        skip_corrupt: bool,
+        seed: Sequence[int] = (0,),
+    ) -> None:
         self.tuples = list(tuples)
         self.num_queries = split.num_queries
         self.queries = ImageListDataset(split.q_paths, transform, skip_corrupt=skip_corrupt)
         self.database = ImageListDataset(split.db_paths, transform, skip_corrupt=skip_corrupt)
+        self.seed = tuple(int(s) for s in seed)
 
     def __len__(self) -> int:
         return len(self.tuples)
@@ -49,7 +62,12 @@ class TupleDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.tuples[i]
         db = np.concatenate([[t.hard_positive], t.negatives, t.positives]).astype(np.int64)
-        images = [self.queries[t.query][0]] + [self.database[int(j)][0] for j in db]
+        item_seed = int(np.random.SeedSequence([*self.seed, i]).generate_state(1, np.uint64)[0])
+        # torchvision's ColorJitter draws from the global generator: fork it, so that the
+        # caller's random stream is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            images = [self.queries[t.query][0]] + [self.database[int(j)][0] for j in db]
         ids = torch.from_numpy(np.concatenate([[t.query], db + self.num_queries]).astype(np.int64))
         return torch.stack(images), ids
 
@@ -150,18 +168,28 @@ class TupleDataModule(L.LightningDataModule):
         if self._round is None or self.train_split is None:
             raise RuntimeError("no mined round to serve: the TupleMining callback mines each round before training it")
         round_index, tuples = self._round
-        # Same seed per round: a resumed run draws the same augmentations. No shuffling here:
-        # the round's queries are already a seeded permutation, and a sampler of our own would
-        # be replaced by Lightning on resume (and under DDP) with a differently seeded one.
-        torch.manual_seed(self.seed * 7919 + round_index)
-        dataset = TupleDataset(self.train_split, tuples, self.train_transform, self.skip_corrupt)
+        dataset = TupleDataset(
+            self.train_split, tuples, self.train_transform, self.skip_corrupt, seed=(self.seed, round_index)
+        )
         return DataLoader(
             dataset,
             batch_size=self.tuples_per_batch,
-            shuffle=False,
+            sampler=self._train_sampler(dataset),
             num_workers=self.num_workers,
             pin_memory=self._device().type == "cuda",
         )
+
+    def _train_sampler(self, dataset: TupleDataset) -> Sampler | None:
+        """In order: the round's queries are already a seeded permutation. Under DDP (any
+        number of nodes) rank r of w takes tuples r, r + w, ..., so that each step trains on
+        the tuples a 1-process run with w times the batch takes together; left to itself,
+        Lightning would shuffle them with a DistributedSampler seeded per epoch, and a run's
+        tuples per step would depend on its number of processes. The last step repeats the
+        first tuples where w does not divide the round (DistributedSampler's padding)."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs or kwargs["num_replicas"] == 1:
+            return None
+        return DistributedSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         """Val queries then database images, items (uint8 image, index in the split's images, valid)."""

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wakd.data.datasets import PlaceSplit, load_split
+from wakd.distributed import external_launcher
 from wakd.models.checkpoints import load_place_net_weights, load_torch_file
 
 
@@ -19,10 +20,17 @@ def ensure_dataset(dataset: DictConfig) -> None:
     """Generate the synthetic city on first use; real datasets must already be in place."""
     if dataset.kind != "synthcity" or Path(dataset.root).is_dir():
         return
-    from wakd.data.synthcity import generate_city
-
     generate = dataset.get("generate") or {}
     out_dir = Path(dataset.root).parents[1]  # <data_dir>/synthcity/raw -> <data_dir>
+    launched = external_launcher()
+    if launched is not None:  # every process would render the same files at once
+        raise ValueError(
+            f"dataset.root {dataset.root} does not exist and {launched[0]} started {launched[1]} "
+            f"processes: generate the city once first (python -m wakd.data.synthcity --out {out_dir} "
+            f"--preset {generate.get('preset', 'demo')} --seed {int(generate.get('seed', 0))})"
+        )
+    from wakd.data.synthcity import generate_city
+
     generate_city(out_dir, preset=generate.get("preset", "demo"), seed=int(generate.get("seed", 0)))
 
 

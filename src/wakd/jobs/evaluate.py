@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Subset
@@ -16,6 +17,7 @@ from wakd.data.datamodule import split_images
 from wakd.data.datasets import PlaceSplit, load_split, split_files
 from wakd.data.images import build_transform
 from wakd.describe import extract_descriptors
+from wakd.distributed import check_shared_run_dir, launcher_process_group
 from wakd.eval.plots import pick_examples, plot_attention, plot_recall_curve, plot_retrievals
 from wakd.eval.report import recall_table, write_predictions, write_results
 from wakd.eval.retrieval import Retrieval, evaluate_split
@@ -86,11 +88,12 @@ def pca_cache_path(cfg: DictConfig, source: str, root: str | Path, in_dim: int, 
     return Path(cfg.paths.log_dir) / "pca" / f"untrained-{cfg.model.name}-seed{cfg.seed}-{key}.safetensors"
 
 
-def fit_pca(net: PlaceNet, cfg: DictConfig, split: PlaceSplit) -> tuple[PCAWhitening, str, Path]:
+def fit_pca(net: PlaceNet, cfg: DictConfig, split: PlaceSplit, save: bool = True) -> tuple[PCAWhitening, str, Path]:
     """PCA-whitening as ``pca_fit`` asks, for evaluating ``split``: (PCA, resolved pca_fit, file).
 
-    Fitted on at most ``pca_max_images`` descriptors and cached; 'database' fits on the
-    split's database images only, never on the queries being evaluated.
+    Fitted on at most ``pca_max_images`` descriptors and cached (where ``save``: one of
+    several processes); 'database' fits on the split's database images only, never on the
+    queries being evaluated.
     """
     fit = resolve_pca_fit(cfg)
     in_dim = net.descriptor_dim
@@ -118,7 +121,8 @@ def fit_pca(net: PlaceNet, cfg: DictConfig, split: PlaceSplit) -> tuple[PCAWhite
         num_workers=cfg.num_workers, desc="describe PCA training images",
     )
     pca = PCAWhitening.fit(torch.from_numpy(extraction.descriptors[extraction.valid]).float(), out_dim)
-    pca.save(path)
+    if save:
+        pca.save(path)
     return pca, fit, path
 
 
@@ -168,23 +172,35 @@ def load_eval_net(cfg: DictConfig) -> torch.nn.Module:
 
 
 def run(cfg: DictConfig) -> dict[int, float]:
+    """Evaluate as one process, or as all the processes torchrun / SLURM started (on any
+    number of nodes): each describes a shard of the images, global rank 0 writes the results."""
+    if HydraConfig.initialized():
+        check_shared_run_dir(HydraConfig.get())
+    with launcher_process_group() as rank:
+        return evaluate(cfg, writer=rank == 0)
+
+
+def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
+    """Recall@N of ``cfg``'s network; files and the report only where ``writer``."""
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # an untrained network is reproducible per seed
+    torch.manual_seed(cfg.seed)  # an untrained network is reproducible per seed (and the same on every rank)
     split = load_dataset_split(cfg.dataset, cfg.split)
     net = load_eval_net(cfg)
     if isinstance(net, PlaceNet) and cfg.ckpt is None:
         init_netvlad(net, cfg.centroids)  # an untrained NetVLAD: the clustered centroids, when present
     pca_fit, pca_file = None, None
     if cfg.pca and isinstance(net, PlaceNet):
-        net.pca, pca_fit, pca_file = fit_pca(net, cfg, split)
+        net.pca, pca_fit, pca_file = fit_pca(net, cfg, split, save=writer)
     teacher = build_net(cfg.teacher, cfg.teacher.ckpt) if cfg.get("teacher") else None
 
     result = evaluate_split(
         net, split, split_images(split, _transform(cfg), cfg.skip_corrupt), ns=cfg.ns,
         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
     )
+    if not writer:  # every rank holds the same result; one writes it
+        return result.recall
     no_positive = int(sum(len(p) == 0 for p in split.eval_positives()))
     write_results(
         out_dir,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from wakd.jobs.common import ensure_dataset
-from wakd.jobs.train import build_teacher, build_trainer, check_writable
+from wakd.jobs.train import build_teacher, build_trainer, check_launch, check_writable, save_config
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -18,6 +18,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"place-classification pretraining renders fresh views and needs dataset=synthcity "
             f"(got dataset={cfg.dataset.name}); on real data use ImageNet weights (model.weights=imagenet)"
         )
+    check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
@@ -29,7 +30,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     teacher, _ = build_teacher(cfg)
     module = build_module(teacher=teacher, num_classes=datamodule.num_classes)
     trainer = build_trainer(cfg)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    save_config(cfg, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    print(f"run directory: {output_dir}")
+    if trainer.is_global_zero:
+        print(f"run directory: {output_dir}")
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

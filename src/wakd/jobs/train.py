@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from wakd.distributed import check_shared_run_dir, external_launcher
 from wakd.jobs.cluster import compute_centroids, init_netvlad
 from wakd.jobs.common import build_net, ensure_dataset, file_digest
 from wakd.models.place_net import PlaceNet
@@ -27,7 +32,8 @@ def check_writable(directory: str | Path) -> None:
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write_test"
+        # One probe per process: the ranks of a multi-process run probe one directory at once.
+        probe = directory / f".write_test.{socket.gethostname()}.{os.getpid()}"
         probe.write_bytes(b"\0" * 1024)
         probe.unlink()
     except OSError as exc:
@@ -54,7 +60,34 @@ def build_teacher(cfg: DictConfig) -> tuple[PlaceNet | None, dict]:
     return teacher, {"name": cfg.teacher.name, "ckpt": str(ckpt), "sha256": file_digest(ckpt)}
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """What a run started as several processes needs before the first of them writes anything:
+    one run directory for all of them (:func:`wakd.distributed.check_shared_run_dir`) and as
+    many processes as ``trainer.devices`` x ``trainer.num_nodes``, named before Lightning's
+    less specific error."""
+    if HydraConfig.initialized():
+        check_shared_run_dir(HydraConfig.get())
+    launched = external_launcher()
+    if launched is None:
+        return
+    launcher, processes = launched
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and devices * nodes != processes:
+        raise ValueError(
+            f"{launcher} started {processes} processes, but trainer.devices={devices} x "
+            f"trainer.num_nodes={nodes} = {devices * nodes}: set trainer.devices to the processes "
+            "per node and trainer.num_nodes to the nodes"
+        )
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig, output_dir: Path) -> None:
+    """The composed config, written once (by global rank 0) however many processes run."""
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
+    check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
@@ -81,8 +114,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             num_workers=cfg.datamodule.num_workers, skip_corrupt=cfg.datamodule.skip_corrupt,
         ))
     trainer = build_trainer(cfg, max_epochs=module.schedule.total_rounds)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    save_config(cfg, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    print(f"run directory: {output_dir}")
+    if trainer.is_global_zero:
+        print(f"run directory: {output_dir}")
     return metrics
