@@ -1,6 +1,7 @@
 """The packages form layers: each imports only the layers below it, never a peer or one above.
 
-    utilities   atomic, knn, pretrained        (no wakd imports)
+    utilities   atomic, distributed, knn,      (no wakd imports)
+                pretrained
     foundations models, losses, data           (models know nothing of datasets, losses are
                                                 pure functions of tensors, data knows no network)
     describe    descriptor extraction          (networks over images)
@@ -19,7 +20,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "wakd"
 
 LAYERS: list[set[str]] = [
-    {"atomic", "knn", "pretrained"},
+    {"atomic", "distributed", "knn", "pretrained"},
     {"models", "losses", "data"},
     {"describe"},
     {"eval"},
