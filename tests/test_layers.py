@@ -1,6 +1,7 @@
 """The packages form layers: each imports only the layers below it, never a peer or one above.
 
     utilities   atomic, knn, pretrained        (no wakd imports)
+    storage     store, ann                     (descriptor store, search by config: on the utilities)
     foundations models, losses, data           (models know nothing of datasets, losses are
                                                 pure functions of tensors, data knows no network)
     describe    descriptor extraction          (networks over images)
@@ -20,6 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "wakd"
 
 LAYERS: list[set[str]] = [
     {"atomic", "knn", "pretrained"},
+    {"store", "ann"},
     {"models", "losses", "data"},
     {"describe"},
     {"eval"},

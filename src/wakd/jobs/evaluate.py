@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Subset
 
+from wakd.ann import SearchSpec
 from wakd.data.datamodule import split_images
 from wakd.data.datasets import PlaceSplit, load_split, split_files
 from wakd.data.images import build_transform
@@ -167,10 +168,24 @@ def load_eval_net(cfg: DictConfig) -> torch.nn.Module:
     return build_net(model_config_for(cfg, cfg.ckpt), cfg.ckpt)
 
 
+STORE_CHOICES = ("memory", "disk")
+STORE_NAME = "descriptors.npy"
+
+
+def descriptor_store(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """Where ``store`` puts the descriptors: None (``memory``) or ``<out_dir>/descriptors.npy`` (``disk``)."""
+    choice = cfg.get("store", "memory")
+    if choice not in STORE_CHOICES:
+        raise ValueError(f"store={choice!r}: choose memory (descriptors in RAM) or disk (streamed to {STORE_NAME})")
+    return out_dir / STORE_NAME if choice == "disk" else None
+
+
 def run(cfg: DictConfig) -> dict[int, float]:
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    store = descriptor_store(cfg, out_dir)
+    spec = SearchSpec.from_config(cfg.get("search"), seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # an untrained network is reproducible per seed
     split = load_dataset_split(cfg.dataset, cfg.split)
     net = load_eval_net(cfg)
@@ -180,10 +195,13 @@ def run(cfg: DictConfig) -> dict[int, float]:
     if cfg.pca and isinstance(net, PlaceNet):
         net.pca, pca_fit, pca_file = fit_pca(net, cfg, split)
     teacher = build_net(cfg.teacher, cfg.teacher.ckpt) if cfg.get("teacher") else None
+    dim = getattr(net, "descriptor_dim", None)
+    if not spec.exact and dim is not None:
+        spec.new_index(dim)  # a bad search.index fails now, not after extraction
 
     result = evaluate_split(
         net, split, split_images(split, _transform(cfg), cfg.skip_corrupt), ns=cfg.ns,
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, store=store, spec=spec,
     )
     no_positive = int(sum(len(p) == 0 for p in split.eval_positives()))
     write_results(
@@ -203,6 +221,8 @@ def run(cfg: DictConfig) -> dict[int, float]:
         pos_dist_thr=split.eval_radius,
         pca_fit=pca_fit,
         pca_file=str(pca_file) if pca_file else None,
+        descriptor_store=str(store) if store else None,
+        search=spec.index,
     )
     write_predictions(out_dir, split.q_rel, split.db_rel, result.topk, result.distances)
     if cfg.plots:
