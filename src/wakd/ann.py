@@ -28,7 +28,7 @@ import numpy as np
 
 from wakd.knn import knn_search
 
-__all__ = ["EXACT", "SearchSpec", "build_index", "search"]
+__all__ = ["EXACT", "SearchSpec", "build_index", "search", "search_index"]
 
 EXACT = "exact"
 # fp32 staging of the database (adding) and of the queries (searching): rows per chunk
@@ -80,12 +80,16 @@ class SearchSpec:
                 f"search.index={self.index!r} is not a faiss index_factory string for {dim}-d descriptors: "
                 f"{_faiss_reason(err)} (e.g. {_EXAMPLES}, or exact)"
             ) from None
+        self.configure(index)
+        return index
+
+    def configure(self, index: faiss.Index) -> None:
+        """Set ``nprobe`` / ``efSearch`` on ``index`` where it has them (a built index too)."""
         space = faiss.ParameterSpace()
         for name, value in (("nprobe", self.nprobe), ("efSearch", self.ef_search)):
             if value is not None:
                 with contextlib.suppress(RuntimeError):  # this kind of index has no such parameter
                     space.set_index_parameter(index, name, value)
-        return index
 
 
 def _faiss_reason(err: RuntimeError) -> str:
@@ -149,7 +153,15 @@ def search(
     k = min(k, database.shape[0])
     if k < 1:
         raise ValueError(f"k must be positive and the database non-empty, got k={k}, database {database.shape}")
-    index = build_index(database, spec)
+    return search_index(build_index(database, spec), queries, k)
+
+
+def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search a built index (:func:`build_index`) with ``queries`` [Q, D], a chunk at a time.
+
+    Returns distances [Q, k] float32 ascending and indices [Q, k] int64 (-1 and inf where
+    the index found fewer than k).
+    """
     num_q = queries.shape[0]
     distances = np.empty((num_q, k), dtype=np.float32)
     indices = np.empty((num_q, k), dtype=np.int64)
@@ -157,6 +169,5 @@ def search(
     for q0 in range(0, num_q, step):
         xq = np.asarray(queries[q0 : q0 + step], dtype=np.float32)  # [c, D]
         distances[q0 : q0 + len(xq)], indices[q0 : q0 + len(xq)] = index.search(xq, k)
-    missing = indices < 0
-    distances[missing] = np.inf  # faiss pads with the largest float; inf as the exact search's padding
+    distances[indices < 0] = np.inf  # faiss pads with the largest float; inf as the exact search's padding
     return distances, indices
