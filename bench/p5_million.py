@@ -17,7 +17,7 @@ pages included) reading the stores back:
 * exact, store on disk: the database memory-mapped (``wakd.store.open_store``), same search;
 * approximate: ``wakd.ann.build_index`` (faiss index_factory string, trained on a seeded
   sample, filled chunk by chunk from the memory map), then ``search_index`` at several
-  ``nprobe``; the configured one (NPROBE) gives the recall gap.
+  ``nprobe``; the configured one (``--nprobe``) gives the recall gap.
 
 Goal: exact R@1 - approximate R@1 <= 0.01; peak RSS <= 1.2x the fp16 store held in RAM,
 or under 8 GiB with the store on disk. Writes p5_* keys into bench/results.json and the
@@ -44,6 +44,7 @@ PLACES_PER_STYLE = 20  # places sharing a look-alike direction (a facade style):
 STYLE, PLACE, VIEW = 1.0, 0.3, 0.6  # weights of the style, place and per-image directions
 RADIUS_M = 25.0
 NS = (1, 5, 10, 20)
+# Defaults of --index, --train-size, --nprobe, --nprobes (the sweep, searched with one built index)
 INDEX, TRAIN_SIZE, NPROBE, NPROBES = "IVF1024,Flat", 100_000, 8, (2, 4, 8, 16)
 _NOISE = (0.5, 4.0)  # query view noise range, relative to a database image's
 GOAL_GAP, GOAL_RSS_RATIO, GOAL_RSS_DISK_GIB = 0.01, 1.2, 8.0
@@ -132,7 +133,7 @@ def _read_into_ram(path: Path) -> np.ndarray:
     return np.fromfile(path, dtype=np.float16, count=shape[0] * shape[1], offset=offset).reshape(shape)
 
 
-def child(mode: str, data: Path) -> None:
+def child(mode: str, data: Path, args: argparse.Namespace) -> None:
     """One measured run; prints one JSON line."""
     from wakd.ann import SearchSpec, build_index, search_index
     from wakd.eval.recall import recall_at_n
@@ -155,11 +156,11 @@ def child(mode: str, data: Path) -> None:
         result = {"seconds": seconds, "cpu_seconds": cpu, "recall": recall_at_n(topk, positives, NS),
                   "top1": topk[:, 0].tolist()}
     else:
-        spec = SearchSpec.from_config({"index": INDEX, "train_size": TRAIN_SIZE, "nprobe": NPROBE})
+        spec = SearchSpec.from_config({"index": args.index, "train_size": args.train_size, "nprobe": args.nprobe})
         index, build_seconds, build_cpu = measured(lambda: build_index(db, spec))
         result = {"build_seconds": build_seconds, "build_cpu_seconds": build_cpu, "sweep": {}}
-        for nprobe in NPROBES:
-            SearchSpec(index=INDEX, nprobe=nprobe).configure(index)
+        for nprobe in args.nprobes:
+            SearchSpec(index=args.index, nprobe=nprobe).configure(index)
             (_, topk), seconds, cpu = measured(lambda: search_index(index, q, K))
             result["sweep"][str(nprobe)] = {"seconds": seconds, "cpu_seconds": cpu, "top1": topk[:, 0].tolist(),
                                             "recall": recall_at_n(topk, positives, NS)}
@@ -171,8 +172,10 @@ def child(mode: str, data: Path) -> None:
     print(json.dumps(result))
 
 
-def run_child(mode: str, data: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--data", str(data)],
+def run_child(mode: str, data: Path, args: argparse.Namespace) -> dict:
+    search = ["--index", args.index, "--train-size", str(args.train_size), "--nprobe", str(args.nprobe),
+              "--nprobes", *map(str, args.nprobes)]
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--data", str(data), *search],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -190,12 +193,17 @@ def main() -> None:
     ap.add_argument("--num-q", type=int, default=NUM_Q)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=tempfile.gettempdir(), help="where the stores go (about 1 GiB at full size)")
+    ap.add_argument("--index", default=INDEX, help="faiss index_factory string (search.index)")
+    ap.add_argument("--train-size", type=int, default=TRAIN_SIZE, help="search.train_size")
+    ap.add_argument("--nprobe", type=int, default=NPROBE, help="the configured search.nprobe: the recall gap's")
+    ap.add_argument("--nprobes", type=int, nargs="+", default=NPROBES, help="nprobe values searched (with --nprobe)")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/results.*")
     ap.add_argument("--child", choices=("exact-ram", "exact-disk", "approx"), help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.nprobes = sorted({*args.nprobes, args.nprobe})
     if args.child:
-        child(args.child, args.data)
+        child(args.child, args.data, args)
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -213,7 +221,7 @@ def main() -> None:
               f"positives {stats['without_positives']:.1%}; load average {load:.1f}", flush=True)
         runs = {}
         for mode in ("exact-ram", "exact-disk", "approx"):
-            runs[mode] = run_child(mode, data)
+            runs[mode] = run_child(mode, data, args)
             r = runs[mode]
             seconds = r.get("seconds", r.get("build_seconds"))
             print(f"  {mode:10s}: {seconds:6.1f} s, peak RSS {r['peak_rss'] / 2**30:5.2f} GiB", flush=True)
@@ -222,7 +230,7 @@ def main() -> None:
 
     store_bytes = (args.num_db + args.num_q) * DIM * 2
     exact, approx = runs["exact-disk"], runs["approx"]
-    primary = approx["sweep"][str(NPROBE)]
+    primary = approx["sweep"][str(args.nprobe)]
     exact_top1 = np.asarray(exact["top1"])
     same_recall_ram_disk = runs["exact-ram"]["recall"] == exact["recall"]
     gap = exact["recall"]["1"] - primary["recall"]["1"]
@@ -256,12 +264,12 @@ def main() -> None:
         r = runs[mode]
         rows.append(f"| {label} | | {r['seconds']:.1f} | {r['cpu_seconds']:.0f} | {r['peak_rss'] / 2**30:.2f} | "
                     f"{r['peak_rss'] / store_bytes:.2f} | {_r(r['recall'])} | |")
-    rows.append(f"| `{INDEX}` built (train on {TRAIN_SIZE:,} + add), memory-mapped store | "
+    rows.append(f"| `{args.index}` built (train on {args.train_size:,} + add), memory-mapped store | "
                 f"{approx['build_seconds']:.1f} | | {approx['build_cpu_seconds']:.0f} | "
                 f"{approx['peak_rss'] / 2**30:.2f} | {approx['peak_rss'] / store_bytes:.2f} | | |")
     for nprobe, s in approx["sweep"].items():
-        mark = " (configured)" if int(nprobe) == NPROBE else ""
-        rows.append(f"| `{INDEX}`, nprobe {nprobe}{mark} | | {s['seconds']:.1f} | {s['cpu_seconds']:.0f} | | | "
+        mark = " (configured)" if int(nprobe) == args.nprobe else ""
+        rows.append(f"| `{args.index}`, nprobe {nprobe}{mark} | | {s['seconds']:.1f} | {s['cpu_seconds']:.0f} | | | "
                     f"{_r(s['recall'])} | {100 * (exact['recall']['1'] - s['recall']['1']):+.2f} |")
     table = "\n".join(rows)
     store_gib = store_bytes / 2**30
@@ -276,19 +284,19 @@ about {PLACES_PER_STYLE} places sharing each look-alike style, queries noisy vie
 positives every image within {RADIUS_M:.0f} m), streamed into fp16 descriptor stores on disk as
 they are generated ({gen_seconds:.0f} s; {store_gib:.2f} GiB). Each row is a fresh process;
 peak RSS = its VmHWM, the store's mapped pages included, against the fp16 store. The index is
-`wakd.ann` with `search.index="{INDEX}"`, `search.train_size={TRAIN_SIZE}` and, configured,
-`search.nprobe={NPROBE}`; the searches at other nprobe reuse the built index.
+`wakd.ann` with `search.index="{args.index}"`, `search.train_size={args.train_size}` and, configured,
+`search.nprobe={args.nprobe}`; the searches at other nprobe reuse the built index.
 
 | run | build s | search s | CPU s | peak RSS (GiB) | RSS / fp16 store | R@1 / 5 / 10 / 20 | R@1 gap (points) |
 |---|---:|---:|---:|---:|---:|---|---:|
 {table}
 
-Recall gap (exact R@1 - approximate R@1, nprobe {NPROBE}): {100 * gap:.2f} points, goal <= {100 * GOAL_GAP:.0f}:
+Recall gap (exact R@1 - approximate R@1, nprobe {args.nprobe}): {100 * gap:.2f} points, goal <= {100 * GOAL_GAP:.0f}:
 {'met' if gap <= GOAL_GAP else 'NOT met'}. Peak RSS: {ratio_ram:.2f}x the store with the store in RAM
 (goal <= {GOAL_RSS_RATIO}x: {'met' if ratio_ram <= GOAL_RSS_RATIO else 'NOT met'}); {peak / 2**30:.2f} GiB at most with the
 store on disk (goal < {GOAL_RSS_DISK_GIB:.0f} GiB: {'met' if peak < GOAL_RSS_DISK_GIB * 2**30 else 'NOT met'}). Exact search
 from RAM and from the memory map give identical recall: {same_recall_ram_disk}. The approximate
-top-1 equals the exact top-1 for {primary['top1_agreement']:.1%} of the queries at nprobe {NPROBE}.
+top-1 equals the exact top-1 for {primary['top1_agreement']:.1%} of the queries at nprobe {args.nprobe}.
 End to end, exact search took {exact['seconds']:.0f} s and the index {approx_seconds:.0f} s
 (build {approx['build_seconds']:.0f} s, paid once per database, + search {primary['seconds']:.1f} s);
 the index holds {approx['index_bytes'] / 2**30:.2f} GiB.
