@@ -1,8 +1,8 @@
 """Multi-process code paths on the CPU: 2 gloo processes stand in for 2 GPUs.
 
 A dataset whose size the world size does not divide must still be described image by
-image exactly once (no DistributedSampler padding, no dropped tail), and a DDP training
-run must finish with finite losses and a checkpoint.
+image exactly once (no DistributedSampler padding, no dropped tail), also when streamed to a
+descriptor store, and a DDP training run must finish with finite losses and a checkpoint.
 """
 
 from __future__ import annotations
@@ -69,7 +69,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             result = extract_descriptors(
                 Describe(), IndexImages(n), batch_size=2, num_workers=0, progress=False, optimize=False
             )
-            np.savez(Path(out_dir) / f"n{n}-rank{rank}.npz", descriptors=result.descriptors, valid=result.valid)
+            stored = extract_descriptors(  # both ranks stream into one store
+                Describe(), IndexImages(n), batch_size=2, num_workers=0, progress=False, optimize=False,
+                store=Path(out_dir) / f"store-n{n}.npy",
+            )
+            np.savez(Path(out_dir) / f"n{n}-rank{rank}.npz", descriptors=result.descriptors, valid=result.valid,
+                     stored=stored.descriptors, stored_valid=stored.valid)
     finally:
         dist.destroy_process_group()
 
@@ -89,6 +94,11 @@ def test_extract_descriptors_two_processes_equals_one(tmp_path: Path) -> None:
             np.testing.assert_array_equal(shard["descriptors"], single.descriptors)
             np.testing.assert_array_equal(shard["valid"], single.valid)
             np.testing.assert_array_equal(shard["valid"], [i % 3 != 2 for i in range(n)])
+            np.testing.assert_array_equal(shard["stored"], single.descriptors)  # the store, seen by each rank
+            np.testing.assert_array_equal(shard["stored_valid"], single.valid)
+    # The ranks' shards were woven into one store and removed.
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == [f"store-n{n}.npy" for n in sorted(SIZES)]
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_ddp_sim_training_run(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -83,3 +83,28 @@ def test_eval_folder_format_dataset(tiny_data_dir: Path, tmp_path: Path) -> None
     folder_recall = evaluate.run(cfg)
     cfg = compose_cfg("eval", [*TINY_EVAL, "model=rawpixels"], tiny_data_dir, tmp_path / "run2")
     assert folder_recall == pytest.approx(evaluate.run(cfg), abs=0.05)
+
+
+def test_eval_disk_store_and_ivf_index_give_the_memory_exact_results(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """store=disk streams the descriptors to descriptors.npy; an IVF index visiting all its
+    lists finds what the exact search finds."""
+    base = [*TINY_EVAL, "model=rawpixels", "plots=false"]
+    memory = evaluate.run(compose_cfg("eval", base, tiny_data_dir, tmp_path / "memory"))
+    approximate = [*base, "store=disk", "search.index='IVF4,Flat'", "search.nprobe=4", "search.train_size=500"]
+    disk = evaluate.run(compose_cfg("eval", approximate, tiny_data_dir, tmp_path / "disk"))
+    assert disk == memory
+    results = json.loads((tmp_path / "disk" / "results.json").read_text())
+    assert results["search"] == "IVF4,Flat" and results["descriptor_store"] == str(tmp_path / "disk" / "descriptors.npy")
+    store = np.load(results["descriptor_store"], mmap_mode="r")
+    assert store.shape == (results["num_queries"] + results["num_database"], results["descriptor_dim"])
+    assert store.dtype == np.float16
+    topk = [np.load(tmp_path / run / "predictions.npz")["topk"] for run in ("memory", "disk")]
+    assert np.mean(topk[0] == topk[1]) > 0.99  # equal but for the order of exact ties
+
+
+def test_eval_bad_store_or_index_names_the_key(tiny_data_dir: Path, tmp_path: Path) -> None:
+    base = [*TINY_EVAL, "model=rawpixels", "plots=false"]
+    with pytest.raises(ValueError, match="store='dsk': choose memory"):
+        evaluate.run(compose_cfg("eval", [*base, "store=dsk"], tiny_data_dir, tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"search.index='IVF4,Fat' is not a faiss index_factory string"):
+        evaluate.run(compose_cfg("eval", [*base, "search.index='IVF4,Fat'"], tiny_data_dir, tmp_path / "b"))

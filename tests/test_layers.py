@@ -2,6 +2,7 @@
 
     utilities   atomic, distributed, knn,      (no wakd imports)
                 pretrained
+    storage     store, ann                     (descriptor store, search by config: on the utilities)
     foundations models, losses, data           (models know nothing of datasets, losses are
                                                 pure functions of tensors, data knows no network)
     describe    descriptor extraction          (networks over images)
@@ -21,6 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "wakd"
 
 LAYERS: list[set[str]] = [
     {"atomic", "distributed", "knn", "pretrained"},
+    {"store", "ann"},
     {"models", "losses", "data"},
     {"describe"},
     {"eval"},

@@ -9,16 +9,20 @@ through its optimised inference copy (BatchNorm folded, ONNX Runtime:
 Under DDP :func:`extract_descriptors` has each rank describe a strided shard (no padding:
 shard sizes differ by at most one) and gathers the shards, so every image is described
 exactly once; Lightning's validation loop shards with a padding sampler instead, and
-:func:`in_image_order` drops its repeats.
+:func:`in_image_order` drops its repeats. With ``store=PATH`` the descriptors go to disk
+as they come (``wakd.store``) instead of into RAM: each rank writes its shard to a file of
+its own and rank 0 weaves them into PATH.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,11 +34,12 @@ from tqdm.auto import tqdm
 from wakd.data.images import extraction_loader, to_float
 from wakd.models.inference import OnnxDescriptorNet, optimize_for_inference
 from wakd.models.modes import evaluating
+from wakd.store import interleave_shards, open_store, shard_path, write_store
 
 
 @dataclass
 class Extraction:
-    descriptors: np.ndarray  # [N, D] float16, row i describes image i
+    descriptors: np.ndarray  # [N, D] float16, row i describes image i (a read-only np.memmap with a store)
     valid: np.ndarray  # [N] bool, False for images skipped as corrupt
     images_per_second: float
 
@@ -127,11 +132,18 @@ def extract_descriptors(
     desc: str = "extract",
     progress: bool = True,
     optimize: bool = True,
+    store: str | os.PathLike | None = None,
 ) -> Extraction:
     """Describe every item of ``dataset`` (items are ``(image, index, valid)``) with ``net``.
 
-    Images are 0-1 pixels: ``net`` normalises them itself. ``optimize``: see
-    :class:`Describer`; loading: :func:`wakd.data.images.extraction_loader`.
+    Images are 0-1 pixels: ``net`` normalises them itself (and projects, when it carries
+    a PCA: batch by batch, so a store never sees the unprojected descriptors).
+    ``optimize``: see :class:`Describer`; loading: :func:`wakd.data.images.extraction_loader`.
+    ``store``: a ``.npy`` path; the descriptors are streamed there, batch by batch, and
+    returned memory-mapped, so RAM never holds them all. Under DDP every rank writes its
+    strided shard to ``wakd.store.shard_path(store, rank, world)``, rank 0 interleaves the
+    shards into ``store`` in image order and deletes them, and every rank returns the
+    same mapped file (``store`` must be on a file system all ranks see).
     """
     rank, world = _world()
     total = len(dataset)  # type: ignore[arg-type]
@@ -139,30 +151,56 @@ def extract_descriptors(
     loader = extraction_loader(
         Subset(dataset, list(range(rank, total, world))), batch_size=batch_size, num_workers=num_workers, device=device
     )
+    num_local = len(loader.dataset)  # type: ignore[arg-type]
     chunks: list[Tensor] = []
     valid_chunks: list[Tensor] = []
-    start = time.perf_counter()
-    if len(loader.dataset):  # type: ignore[arg-type]
-        describer = Describer(net, loader.dataset[0][0][None], device, optimize=optimize)
-        bar = tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False, unit="batch")
-        with describer.running():
-            for images, _, valid in bar:
-                chunks.append(describer(images))
-                valid_chunks.append(valid.to(device))
-    seconds = time.perf_counter() - start
-    if chunks:
-        local = torch.cat(chunks)
-        local_valid = torch.cat(valid_chunks)
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if store is not None:
+            writer = stack.enter_context(write_store(store if world == 1 else shard_path(store, rank, world), num_local))
+        start = time.perf_counter()
+        if num_local:
+            describer = Describer(net, loader.dataset[0][0][None], device, optimize=optimize)
+            bar = tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False, unit="batch")
+            with describer.running():
+                for images, _, valid in bar:
+                    batch = describer(images)  # [B, D] float16
+                    if writer is None:
+                        chunks.append(batch)
+                    else:
+                        writer.append(batch.cpu().numpy())
+                    valid_chunks.append(valid.to(device))
+        elif writer is not None:
+            writer.dim = _descriptor_dim(net)  # an empty shard still has the store's width
+        seconds = time.perf_counter() - start
+    # The valid flags are small ([N] bool): gathered in RAM with or without a store.
+    local_valid = torch.cat(valid_chunks) if valid_chunks else torch.zeros((0,), dtype=torch.bool, device=device)
+    valid_all = _gather_shards(local_valid, total, rank, world).cpu().numpy().astype(bool)
+    if store is not None:
+        descriptors = _combine_store(Path(store), total, rank, world)
+    elif chunks:
+        descriptors = _gather_shards(torch.cat(chunks), total, rank, world).cpu().numpy()
     else:  # a rank with an empty shard still takes part in the gather
-        local = torch.zeros((0, _descriptor_dim(net)), dtype=torch.float16, device=device)
-        local_valid = torch.zeros((0,), dtype=torch.bool, device=device)
-    descriptors = _gather_shards(local, total, rank, world)
-    valid_all = _gather_shards(local_valid, total, rank, world)
+        empty = torch.zeros((0, _descriptor_dim(net)), dtype=torch.float16, device=device)
+        descriptors = _gather_shards(empty, total, rank, world).cpu().numpy()
     return Extraction(
-        descriptors=descriptors.cpu().numpy(),
-        valid=valid_all.cpu().numpy().astype(bool),
-        images_per_second=len(loader.dataset) * world / max(seconds, 1e-9),  # type: ignore[arg-type]
+        descriptors=descriptors,
+        valid=valid_all,
+        images_per_second=num_local * world / max(seconds, 1e-9),
     )
+
+
+def _combine_store(store: Path, total: int, rank: int, world: int) -> np.ndarray:
+    """The finished store mapped read-only; under DDP rank 0 first weaves the ranks' shards into it."""
+    if world > 1:
+        dist.barrier()  # every shard is complete
+        if rank == 0:
+            shards = [shard_path(store, r, world) for r in range(world)]
+            interleave_shards(shards, total, store)
+            for shard in shards:
+                shard.unlink()
+        dist.barrier()  # the store is in place
+    return open_store(store)
 
 
 def _descriptor_dim(net: nn.Module) -> int:

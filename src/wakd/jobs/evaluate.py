@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Subset
 
+from wakd.ann import SearchSpec
 from wakd.data.datamodule import split_images
 from wakd.data.datasets import PlaceSplit, load_split, split_files
 from wakd.data.images import build_transform
@@ -171,6 +172,18 @@ def load_eval_net(cfg: DictConfig) -> torch.nn.Module:
     return build_net(model_config_for(cfg, cfg.ckpt), cfg.ckpt)
 
 
+STORE_CHOICES = ("memory", "disk")
+STORE_NAME = "descriptors.npy"
+
+
+def descriptor_store(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """Where ``store`` puts the descriptors: None (``memory``) or ``<out_dir>/descriptors.npy`` (``disk``)."""
+    choice = cfg.get("store", "memory")
+    if choice not in STORE_CHOICES:
+        raise ValueError(f"store={choice!r}: choose memory (descriptors in RAM) or disk (streamed to {STORE_NAME})")
+    return out_dir / STORE_NAME if choice == "disk" else None
+
+
 def run(cfg: DictConfig) -> dict[int, float]:
     """Evaluate as one process, or as all the processes torchrun / SLURM started (on any
     number of nodes): each describes a shard of the images, global rank 0 writes the results."""
@@ -185,6 +198,8 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    store = descriptor_store(cfg, out_dir)
+    spec = SearchSpec.from_config(cfg.get("search"), seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # an untrained network is reproducible per seed (and the same on every rank)
     split = load_dataset_split(cfg.dataset, cfg.split)
     net = load_eval_net(cfg)
@@ -194,10 +209,13 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
     if cfg.pca and isinstance(net, PlaceNet):
         net.pca, pca_fit, pca_file = fit_pca(net, cfg, split, save=writer)
     teacher = build_net(cfg.teacher, cfg.teacher.ckpt) if cfg.get("teacher") else None
+    dim = getattr(net, "descriptor_dim", None)
+    if not spec.exact and dim is not None:
+        spec.new_index(dim)  # a bad search.index fails now, not after extraction
 
     result = evaluate_split(
         net, split, split_images(split, _transform(cfg), cfg.skip_corrupt), ns=cfg.ns,
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, store=store, spec=spec,
     )
     if not writer:  # every rank holds the same result; one writes it
         return result.recall
@@ -219,6 +237,8 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
         pos_dist_thr=split.eval_radius,
         pca_fit=pca_fit,
         pca_file=str(pca_file) if pca_file else None,
+        descriptor_store=str(store) if store else None,
+        search=spec.index,
     )
     write_predictions(out_dir, split.q_rel, split.db_rel, result.topk, result.distances)
     if cfg.plots:
