@@ -150,7 +150,13 @@ def pair_sq_distances(x: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 
     b = np.asarray(b, dtype=np.int64).reshape(-1)
     out = np.empty(len(a), dtype=np.float32)
     for p0 in range(0, len(a), chunk):
-        diff = x[a[p0 : p0 + chunk]].astype(np.float32) - x[b[p0 : p0 + chunk]].astype(np.float32)
+        # Each distinct row converted to fp32 once (numpy's fp16 cast is slow, and
+        # re-ranking's pairs repeat every query about pos_pool times), then gathered.
+        ends = np.concatenate([a[p0 : p0 + chunk], b[p0 : p0 + chunk]])
+        rows, where = np.unique(ends, return_inverse=True)
+        x32 = x[rows].astype(np.float32)
+        n = len(ends) // 2
+        diff = x32[where[:n]] - x32[where[n:]]
         out[p0 : p0 + chunk] = np.einsum("pd,pd->p", diff, diff)
     return out
 
