@@ -14,7 +14,8 @@ which ``extract_descriptors`` caps on the CPU to the cores the forward leaves fr
 (``cpu_workers``: none on 2 cores with 2 threads, so the main process decodes), images
 decoded to uint8 (torchvision decodes JPEGs already at the target size) and each batch converted to float in the main process (the net normalises it). For the 480x640 case further rows show where time goes:
 the uint8 path with 1 and 2 workers (uncapped), and 2 workers that convert to float and
-ship float32 images, as before the uint8 path. Goal >= 0.90.
+ship float32 images, as before the uint8 path. Goals: >= 0.95 at 480x640 and >= 0.90 on
+the demo's 96x128 images (``p2_demo_efficiency``).
 Writes p2_* keys into bench/results.json and the <!-- p2 --> section of RESULTS.md.
 """
 
@@ -46,7 +47,7 @@ DEMO_IMAGES = REPO / "datasets" / "data" / "synthcity" / "raw" / "images"
 DEMO_COUNT = 1000  # small images: enough to amortise DataLoader start-up
 LARGE_COUNT = 200
 BATCH = 8
-GOAL = 0.90
+GOAL, GOAL_DEMO = 0.95, 0.90
 DEFAULT_WORKERS = 2  # configs/eval.yaml and configs/datamodule/tuples.yaml
 
 
@@ -178,7 +179,7 @@ def main() -> None:
     merge_results(
         {
             "p2_extraction_efficiency": round(efficiency["480x640"], 3),
-            "p2_extraction_efficiency_demo": round(efficiency["demo"], 3),
+            "p2_demo_efficiency": round(efficiency["demo"], 3),
             "p2_forward_images_per_second": round(results["480x640"]["forward"], 2),
             "p2_extraction_images_per_second": round(results["480x640"][headline], 2),
         }
@@ -189,6 +190,7 @@ def main() -> None:
         for name, speed in r.items()
     )
     met = "met" if efficiency["480x640"] >= GOAL else "NOT met"
+    met_demo = "met" if efficiency["demo"] >= GOAL_DEMO else "NOT met"
     replace_section(
         "p2",
         f"""
@@ -211,7 +213,7 @@ forward itself is today's in every row). Median of {args.rounds} rounds.
 {rows}
 
 **p2_extraction_efficiency = {efficiency["480x640"]:.2f}** (480x640, default path; goal >= {GOAL}:
-{met}); demo case {efficiency["demo"]:.2f}.
+{met}); **p2_demo_efficiency = {efficiency["demo"]:.2f}** (96x128; goal >= {GOAL_DEMO}: {met_demo}).
 """,
     )
 

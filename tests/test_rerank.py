@@ -154,3 +154,21 @@ def test_training_reranks_positives_from_generation_one(
     overrides = [*TINY_TRAIN, "teacher=none", "train.generations=2", "train.passes=1", "trainer.limit_train_batches=1"]
     train.run(compose_cfg("train", overrides, tiny_data_dir, tmp_path / "run"))
     assert calls == [False, True]  # round 0 is generation 0, round 1 generation 1
+
+
+def test_mining_pair_distances_match_direct_differences() -> None:
+    """The float64 GEMM distances of a mining round equal the pairs' direct differences
+    (fp16 inputs), across database chunks and for repeated and duplicate rows."""
+    from wakd.data.mining import _pair_sq_distances
+
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(7, 24)).astype(np.float16)
+    db = rng.normal(size=(40, 24)).astype(np.float16)
+    db[5] = q[2]  # distance exactly 0
+    rows = rng.integers(0, 7, 200)
+    cols = rng.integers(0, 40, 200)
+    rows[0], cols[0] = 2, 5
+    got = _pair_sq_distances(q, db, rows, cols, chunk=9)
+    want = ((q[rows].astype(np.float64) - db[cols].astype(np.float64)) ** 2).sum(1)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert got[0] == 0.0

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import faiss
 import numpy as np
+from scipy.linalg.blas import sgemm
 
 __all__ = ["gpu_available", "knn_graph", "knn_search", "pair_sq_distances"]
 
@@ -35,13 +36,18 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _resolve_gpu(use_gpu: bool | None) -> bool:
+    """``use_gpu``, None meaning "when available"; True without a GPU raises."""
+    if use_gpu is None:
+        return gpu_available()
+    if use_gpu and not gpu_available():
+        raise RuntimeError("use_gpu=True but faiss has no GPU support or no CUDA device is visible")
+    return use_gpu
+
+
 def _tile_search(use_gpu: bool | None, metric: int) -> TileSearch:
     """faiss's brute-force search of one tile, on the current CUDA device (each DDP rank its own) or the CPU."""
-    if use_gpu is None:
-        use_gpu = gpu_available()
-    elif use_gpu and not gpu_available():
-        raise RuntimeError("use_gpu=True but faiss has no GPU support or no CUDA device is visible")
-    if not use_gpu:
+    if not _resolve_gpu(use_gpu):
         return lambda xq, xb, k: faiss.knn(xq, xb, k, metric=metric)
     res = faiss.StandardGpuResources()  # one set of GPU buffers for all tiles of a search
     return lambda xq, xb, k: faiss.knn_gpu(res, xq, xb, k, metric=metric)
@@ -84,6 +90,12 @@ def _tiled_search(
     dim = database.shape[1]
     xb_buf = np.empty((min(db_chunk, num_db), dim), dtype=np.float32)
     xq_buf = np.empty((min(q_chunk, num_q), dim), dtype=np.float32)
+    # Queries that fit in one chunk (Pitts250k-test's 8,280 do) are converted once, not
+    # once per database chunk: numpy's fp16 -> fp32 cast runs on one core.
+    xq_all = None
+    if num_q <= q_chunk:
+        xq_buf[:] = queries
+        xq_all = xq_buf if q_map is None else q_map(xq_buf)
 
     # Outer loop over the database so each fp32 database chunk is built once;
     # the running top-k of all queries ([Q,k]) is small next to it.
@@ -93,9 +105,13 @@ def _tiled_search(
         xb_searched = xb if db_map is None else db_map(xb)
         kk = min(k, xb.shape[0])
         for q0 in range(0, num_q, q_chunk):
-            xq = xq_buf[: min(q_chunk, num_q - q0)]  # [q,D]
-            xq[:] = queries[q0 : q0 + xq.shape[0]]
-            score, idx = tile_search(xq if q_map is None else q_map(xq), xb_searched, kk)  # [q,kk]
+            if xq_all is not None:
+                xq = xq_searched = xq_all
+            else:
+                xq = xq_buf[: min(q_chunk, num_q - q0)]  # [q,D]
+                xq[:] = queries[q0 : q0 + xq.shape[0]]
+                xq_searched = xq if q_map is None else q_map(xq)
+            score, idx = tile_search(xq_searched, xb_searched, kk)  # [q,kk]
             rows = slice(q0, q0 + xq.shape[0])
             out_score[rows], out_idx[rows] = _merge_topk(
                 np.concatenate([out_score[rows], score], axis=1),  # [q,k+kk]
@@ -111,7 +127,7 @@ def knn_search(
     queries: np.ndarray,
     k: int,
     db_chunk: int = 16384,
-    q_chunk: int = 4096,
+    q_chunk: int = 16384,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest database rows of every query by squared L2 distance.
@@ -121,7 +137,8 @@ def knn_search(
         queries: [Q,D] float16 or float32.
         k: neighbours per query; clamped to N.
         db_chunk: database rows converted to fp32 at a time (16384 x 4096-d = 256 MiB).
-        q_chunk: query rows converted to fp32 at a time.
+        q_chunk: query rows converted to fp32 at a time; up to this many queries are
+            converted once for the whole search, more once per database chunk.
         use_gpu: search tiles on a faiss GPU; None picks it when available.
 
     Returns:
@@ -139,7 +156,13 @@ def pair_sq_distances(x: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 
     b = np.asarray(b, dtype=np.int64).reshape(-1)
     out = np.empty(len(a), dtype=np.float32)
     for p0 in range(0, len(a), chunk):
-        diff = x[a[p0 : p0 + chunk]].astype(np.float32) - x[b[p0 : p0 + chunk]].astype(np.float32)
+        # Each distinct row converted to fp32 once (numpy's fp16 cast is slow, and
+        # re-ranking's pairs repeat every query about pos_pool times), then gathered.
+        ends = np.concatenate([a[p0 : p0 + chunk], b[p0 : p0 + chunk]])
+        rows, where = np.unique(ends, return_inverse=True)
+        x32 = x[rows].astype(np.float32)
+        n = len(ends) // 2
+        diff = x32[where[:n]] - x32[where[n:]]
         out[p0 : p0 + chunk] = np.einsum("pd,pd->p", diff, diff)
     return out
 
@@ -160,7 +183,10 @@ def knn_graph(
     """
     n = x.shape[0]
     k = min(k, n)
-    dist, idx = _tiled_search(x, x, k, db_chunk, q_chunk, use_gpu)
+    if _resolve_gpu(use_gpu):
+        dist, idx, farthest = _gpu_graph(x, k, db_chunk, q_chunk)
+    else:
+        dist, idx, farthest = _cpu_graph(x, k, min(db_chunk, q_chunk, max(256, 2**25 // x.shape[1])))
     # faiss computes |a|^2 + |b|^2 - 2<a,b>, so a row's distance to itself is rounding
     # noise that near-duplicates could beat: pin it to 0 and keep the row in its list.
     own = np.arange(n)
@@ -169,6 +195,14 @@ def knn_graph(
     missing = np.flatnonzero(~is_self.any(axis=1))
     dist[missing, -1], idx[missing, -1] = 0.0, missing
     dist, idx = _merge_topk(dist, idx, k)
+    # The searches only pick the farthest row; its distance is recomputed without cancellation.
+    row_max = pair_sq_distances(x, own, farthest)
+    return dist, idx, row_max
+
+
+def _gpu_graph(x: np.ndarray, k: int, db_chunk: int, q_chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """knn_graph's k nearest and farthest row of every row, by two searches on the GPU."""
+    dist, idx = _tiled_search(x, x, k, db_chunk, q_chunk, True)
 
     # The farthest row j of i maximises |x_j|^2 - 2<x_i, x_j>, the inner product of
     # [-2 x_i, 1] and [x_j, |x_j|^2]: one more exact search, top-1 by inner product.
@@ -179,8 +213,50 @@ def knn_graph(
         return np.hstack([-2.0 * rows, np.ones((len(rows), 1), np.float32)])
 
     _, farthest = _tiled_search(
-        x, x, 1, db_chunk, q_chunk, use_gpu, faiss.METRIC_INNER_PRODUCT, lift_db, lift_q
+        x, x, 1, db_chunk, q_chunk, True, faiss.METRIC_INNER_PRODUCT, lift_db, lift_q
     )
-    # The search only picks the row; its distance is recomputed without cancellation.
-    row_max = pair_sq_distances(x, own, farthest[:, 0])
-    return dist, idx, row_max
+    return dist, idx, farthest[:, 0]
+
+
+def _cpu_graph(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """knn_graph's k nearest and farthest row of every row on the CPU, in one pass over
+    half of the (symmetric) distance matrix, a quarter of the work of two searches.
+
+    Blocks of ``rows`` rows: each distance block (I, J >= I) is one sgemm adding -2 <a, b>
+    onto |a|^2 + |b|^2 (faiss's formula, same order of operations) and feeds faiss's heaps
+    of rows I and, transposed, of rows J: a max-heap of the k nearest and a min-heap of the
+    farthest. Every row sees the column blocks in index order and a heap only takes
+    strictly better values, so among equal distances the lower index is kept.
+    """
+    n = len(x)
+    near_d, near_i = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    far_d, far_i = np.empty((n, 1), np.float32), np.empty((n, 1), np.int64)
+    near, far = faiss.float_maxheap_array_t(), faiss.float_minheap_array_t()
+    for heaps, d, i in ((near, near_d, near_i), (far, far_d, far_i)):
+        heaps.k, heaps.nh = d.shape[1], n
+        heaps.val, heaps.ids = faiss.swig_ptr(d), faiss.swig_ptr(i)
+        heaps.heapify()
+    buf_a = np.empty((min(rows, n), x.shape[1]), np.float32)
+    buf_b = np.empty_like(buf_a)
+    block = np.empty(min(rows, n) ** 2, np.float32)
+    for i0 in range(0, n, rows):
+        xa = buf_a[: min(rows, n - i0)]
+        xa[:] = x[i0 : i0 + len(xa)]
+        norms_a = np.einsum("nd,nd->n", xa, xa)
+        for j0 in range(i0, n, rows):
+            xb = xa if j0 == i0 else buf_b[: min(rows, n - j0)]
+            if j0 != i0:
+                xb[:] = x[j0 : j0 + len(xb)]
+            norms_b = norms_a if j0 == i0 else np.einsum("nd,nd->n", xb, xb)
+            dist = block[: len(xa) * len(xb)].reshape(len(xa), len(xb))  # C-ordered [a,b]
+            np.add(norms_a[:, None], norms_b[None, :], out=dist)
+            # BLAS is column-major: dist.T, xb.T and xa.T are Fortran arrays without a
+            # copy, and sgemm(xb, xa^T) fills dist.T in place (overwrite_c).
+            dist = sgemm(-2.0, xb.T, xa.T, beta=1.0, trans_a=1, c=dist.T, overwrite_c=1).T
+            for heaps in (near, far):
+                heaps.addn(len(xb), faiss.swig_ptr(dist), j0, i0, len(xa))
+            if j0 != i0:
+                dist_t = np.ascontiguousarray(dist.T)  # [b,a]
+                for heaps in (near, far):
+                    heaps.addn(len(xa), faiss.swig_ptr(dist_t), i0, j0, len(xb))
+    return near_d, near_i, far_i[:, 0]

@@ -98,15 +98,38 @@ class TupleMiner:
 
         ``rerank``: choose positives by the k-reciprocal distance (computed on ``device``).
         """
-        q_all = torch.from_numpy(q_desc)
-        db_all = torch.from_numpy(db_desc)
         query_ids = np.asarray(query_ids, dtype=np.int64).reshape(-1)
-        # Positive pools: the pos_pool nearest positives (within 10 m) in descriptor space.
-        pools = []
+        # Negative candidates first (the same draws, in the same order, as one query at a
+        # time): random candidates + last time's hardest, minus anything within 25 m.
+        neg_candidates = []
         for q in query_ids:
-            candidates = self.positives[int(q)]
-            pos_dist = _sq_dist(q_all[int(q)].float(), db_all[candidates])
-            pools.append(candidates[np.argsort(pos_dist, kind="stable")][: self.pos_pool])
+            q = int(q)
+            candidates = rng.choice(len(db_desc), size=min(self.neg_pool, len(db_desc)), replace=False)
+            candidates = np.union1d(candidates, self.last_negatives.get(q, np.empty(0, np.int64)))
+            candidates = candidates[~np.isin(candidates, self.non_negatives[q])]
+            if len(candidates) < self.neg_num:
+                raise ValueError(
+                    f"query {q} of {self.split.name}/{self.split.split} has only {len(candidates)} "
+                    f"negative candidates (> {self.split.eval_radius:g} m); lower neg_num or use a larger split"
+                )
+            neg_candidates.append(candidates)
+        pos_candidates = [self.positives[int(q)] for q in query_ids]
+        if not len(query_ids):
+            return []
+        # Every distance the round needs in one pass: a row gathered and differenced per
+        # query and candidate took most of the round (bench/p6_mining_round.py).
+        lists = [*pos_candidates, *neg_candidates]  # list i belongs to query i mod M
+        sizes = [len(c) for c in lists]
+        rows = np.repeat(np.tile(np.arange(len(query_ids)), 2), sizes)
+        dist = _pair_sq_distances(q_desc[query_ids], db_desc, rows, np.concatenate(lists))
+        dist = np.split(dist, np.cumsum(sizes)[:-1])
+        pos_dists, neg_dists = dist[: len(query_ids)], dist[len(query_ids) :]
+
+        # Positive pools: the pos_pool nearest positives (within 10 m) in descriptor space.
+        pools = [
+            c[np.argsort(d, kind="stable")][: self.pos_pool]
+            for c, d in zip(pos_candidates, pos_dists, strict=True)
+        ]
         reranked: list[np.ndarray | None] = [None] * len(pools)
         if rerank and len(pools):
             sizes = [len(p) for p in pools]
@@ -116,22 +139,13 @@ class TupleMiner:
                                               **self.rerank_args)
             reranked = np.split(final, np.cumsum(sizes)[:-1])
         tuples = []
-        for q, pos_pool, pos_reranked in zip(query_ids, pools, reranked, strict=True):
+        for q, pos_pool, pos_reranked, candidates, neg_dist in zip(
+            query_ids, pools, reranked, neg_candidates, neg_dists, strict=True
+        ):
             q = int(q)
-            anchor = q_all[q].float()  # [D]
             positives = select_positives(pos_pool, pos_reranked, self.pos_num, self.rerank_select)
             if len(positives) < self.pos_num:  # few positives: repeat the nearest ones
                 positives = np.resize(positives, self.pos_num)
-            # Negatives: random candidates + last time's hardest, minus anything within 25 m.
-            candidates = rng.choice(len(db_desc), size=min(self.neg_pool, len(db_desc)), replace=False)
-            candidates = np.union1d(candidates, self.last_negatives.get(q, np.empty(0, np.int64)))
-            candidates = candidates[~np.isin(candidates, self.non_negatives[q])]
-            if len(candidates) < self.neg_num:
-                raise ValueError(
-                    f"query {q} of {self.split.name}/{self.split.split} has only {len(candidates)} "
-                    f"negative candidates (> {self.split.eval_radius:g} m); lower neg_num or use a larger split"
-                )
-            neg_dist = _sq_dist(anchor, db_all[candidates])
             hardest = np.argpartition(neg_dist, self.neg_num - 1)[: self.neg_num]
             negatives = candidates[hardest[np.argsort(neg_dist[hardest], kind="stable")]]
             self.last_negatives[q] = negatives
@@ -153,6 +167,28 @@ class TupleMiner:
         }
 
 
-def _sq_dist(anchor: torch.Tensor, others: torch.Tensor) -> np.ndarray:
-    """Squared L2 distances of one descriptor [D] to rows of [n, D] (fp16 storage, fp32 math)."""
-    return (others.float() - anchor).pow(2).sum(1).numpy()
+def _pair_sq_distances(
+    queries: np.ndarray, database: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 4096
+) -> np.ndarray:
+    """Squared L2 distances [P] float64 of the pairs (queries[rows[p]], database[cols[p]]).
+
+    One float64 GEMM of the queries against each database chunk, |q|^2 + |b|^2 - 2 <q, b>
+    read off at the pairs: products of fp16 descriptors are exact in float64 and 4,096-term
+    sums err by about 1e-13, far below fp32's rounding, so the distances are those of the
+    direct per-pair difference (fp32 then) to better than its own precision; at a fraction of
+    the time of gathering and differencing a candidate row per pair.
+    """
+    out = np.empty(len(cols), dtype=np.float64)
+    q64 = queries.astype(np.float64)  # [M,D]
+    q_norms = np.einsum("md,md->m", q64, q64)
+    order = np.argsort(cols, kind="stable")  # pairs by database row, so each chunk is a slice
+    bounds = np.searchsorted(cols[order], np.arange(0, len(database) + chunk, chunk))
+    for i, d0 in enumerate(range(0, len(database), chunk)):
+        sel = order[bounds[i] : bounds[i + 1]]
+        if not len(sel):
+            continue
+        b64 = database[d0 : d0 + chunk].astype(np.float64)  # [c,D]
+        gram = q64 @ b64.T  # [M,c]
+        r, c = rows[sel], cols[sel] - d0
+        out[sel] = q_norms[r] + np.einsum("cd,cd->c", b64, b64)[c] - 2.0 * gram[r, c]
+    return np.maximum(out, 0.0, out=out)  # cancellation can leave duplicates at -1e-16

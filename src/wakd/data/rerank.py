@@ -18,9 +18,9 @@ images with squared L2 distances d:
 Only the (k1 + 1)-nearest-neighbour lists of X are kept (exact, by faiss in chunks,
 :func:`wakd.knn.knn_graph`: O(|X|^2 D) time, O(|X| k1) memory; no |X| x |X| matrix is
 ever stored or sorted), and V only for the rows the requested pairs need. On
-Pitts30k-train (17.4k x 32k-d) each of its two passes (the neighbours, then each row's
-farthest row for step 1) is ~10 T multiply-adds per mining round: seconds on a GPU,
-minutes on 2 CPU cores.
+Pitts30k-train (17.4k x 32k-d) finding the neighbours and each row's farthest row (for
+step 1) is ~20 T multiply-adds per mining round on a GPU (two searches), ~5 T on the CPU
+(one pass over half of the symmetric distances): seconds on a GPU, minutes on 2 CPU cores.
 
 Differences to OpenIBL's ``re_ranking`` (which builds and argsorts the full matrix): that
 one squares the distances it is given and OpenIBL gives it squared distances already, so
