@@ -211,6 +211,7 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     where = machine()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     data = Path(tempfile.mkdtemp(prefix="p5_million_", dir=args.workdir))
     try:
         t0 = time.perf_counter()
