@@ -37,6 +37,22 @@ TINY_TRAIN = [
 ]
 
 
+# Place pretraining of a ResNet18 on rendered views of the tiny city (tests/test_pretrain.py).
+PRETRAIN = [
+    "experiment=pretrain_places",
+    "dataset.image_size=[64,86]",
+    "dataset.generate.preset=tiny",
+    "model=resnet18", "model.weights=null",
+    "pretrain.steps=300",
+    "pretrain.steps_per_epoch=300",
+    "pretrain.batch_size=16",
+    "pretrain.num_workers=0",
+    "callbacks.progress_bar=null",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+]
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Tiny models: a second intra-op thread mostly waits for a busy core (opt in per module)."""
@@ -69,3 +85,15 @@ def compose_cfg(name: str, overrides: list[str], data_dir: Path, run_dir: Path) 
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     return cfg
+
+
+@pytest.fixture(scope="session", params=[0, 1], ids=lambda seed: f"seed{seed}")
+def pretrained(request: pytest.FixtureRequest, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One 300-step pretraining per seed, shared by the tests of pretraining and of the
+    tuple stage that starts from it: (seed, cfg, metrics, run dir)."""
+    from wakd.jobs import pretrain
+
+    seed = request.param
+    run_dir = tmp_path_factory.mktemp(f"pretrain{seed}") / "run"
+    cfg = compose_cfg("train", [*PRETRAIN, f"seed={seed}"], tiny_data_dir, run_dir)
+    return seed, cfg, pretrain.run(cfg), run_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_TRAIN, compose_cfg
+from conftest import PRETRAIN, TINY_TRAIN, compose_cfg
 
 from wakd.data.rendered_datamodule import RenderedPlacesDataModule
 from wakd.eval.retrieval import evaluate_split
@@ -21,19 +21,6 @@ from wakd.modules.lr_schedules import warmup_then
 from wakd.modules.pretrain import PlacePretrainModule
 
 TINY_EVAL = ["dataset=synthcity", "dataset.image_size=[64,86]", "dataset.generate.preset=tiny", "num_workers=0"]
-PRETRAIN = [
-    "experiment=pretrain_places",
-    "dataset.image_size=[64,86]",
-    "dataset.generate.preset=tiny",
-    "model=resnet18", "model.weights=null",
-    "pretrain.steps=300",
-    "pretrain.steps_per_epoch=300",
-    "pretrain.batch_size=16",
-    "pretrain.num_workers=0",
-    "callbacks.progress_bar=null",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_model_summary=false",
-]
 
 
 def test_info_nce_matches_hand_computation() -> None:
@@ -54,15 +41,6 @@ def _val_r1(net: torch.nn.Module, root: Path) -> float:
     dm.setup()
     result = evaluate_split(net, dm.val_split, dm.val_images(), ns=(1,), num_workers=0, progress=False)
     return result.recall[1]
-
-
-@pytest.fixture(scope="module", params=[0, 1], ids=lambda seed: f"seed{seed}")
-def pretrained(request: pytest.FixtureRequest, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One 300-step pretraining per seed, shared by the tests below: (seed, cfg, metrics, run dir)."""
-    seed = request.param
-    run_dir = tmp_path_factory.mktemp(f"pretrain{seed}") / "run"
-    cfg = compose_cfg("train", [*PRETRAIN, f"seed={seed}"], tiny_data_dir, run_dir)
-    return seed, cfg, pretrain.run(cfg), run_dir
 
 
 def test_pretraining_lowers_loss_and_beats_untrained(pretrained, tiny_data_dir: Path) -> None:
