@@ -6,13 +6,13 @@ import hydra
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-
-import wakd.jobs.common as common
-from wakd.data.synthcity import City
 from wakd.eval.extract import (
     extract_descriptors,
     split_descriptors,
 )
+
+import wakd.jobs.common as common
+from wakd.data.synthcity import City
 from wakd.jobs.cluster import compute_centroids
 
 sys.path.insert(0, "/work/wt15/bench_out/i15")
