@@ -159,7 +159,7 @@ def test_training_reranks_positives_from_generation_one(
 def test_mining_pair_distances_match_direct_differences() -> None:
     """The float64 GEMM distances of a mining round equal the pairs' direct differences
     (fp16 inputs), across database chunks and for repeated and duplicate rows."""
-    from wakd.data.mining import _pair_sq_distances
+    from wakd.knn import cross_pair_sq_distances
 
     rng = np.random.default_rng(1)
     q = rng.normal(size=(7, 24)).astype(np.float16)
@@ -168,7 +168,7 @@ def test_mining_pair_distances_match_direct_differences() -> None:
     rows = rng.integers(0, 7, 200)
     cols = rng.integers(0, 40, 200)
     rows[0], cols[0] = 2, 5
-    got = _pair_sq_distances(q, db, rows, cols, chunk=9)
+    got = cross_pair_sq_distances(q, db, rows, cols, chunk=9)
     want = ((q[rows].astype(np.float64) - db[cols].astype(np.float64)) ** 2).sum(1)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert got[0] == 0.0

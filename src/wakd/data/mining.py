@@ -21,6 +21,7 @@ import torch
 
 from wakd.data.datasets import PlaceSplit
 from wakd.data.rerank import k_reciprocal_distances
+from wakd.knn import cross_pair_sq_distances
 
 POSITIVE_SELECTIONS = ("top", "gain")
 
@@ -121,7 +122,7 @@ class TupleMiner:
         lists = [*pos_candidates, *neg_candidates]  # list i belongs to query i mod M
         sizes = [len(c) for c in lists]
         rows = np.repeat(np.tile(np.arange(len(query_ids)), 2), sizes)
-        dist = _pair_sq_distances(q_desc[query_ids], db_desc, rows, np.concatenate(lists))
+        dist = cross_pair_sq_distances(q_desc[query_ids], db_desc, rows, np.concatenate(lists))
         dist = np.split(dist, np.cumsum(sizes)[:-1])
         pos_dists, neg_dists = dist[: len(query_ids)], dist[len(query_ids) :]
 
@@ -165,30 +166,3 @@ class TupleMiner:
         self.last_negatives = {
             int(q): n.numpy().astype(np.int64) for q, n in zip(state["queries"], state["negatives"], strict=True)
         }
-
-
-def _pair_sq_distances(
-    queries: np.ndarray, database: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 4096
-) -> np.ndarray:
-    """Squared L2 distances [P] float64 of the pairs (queries[rows[p]], database[cols[p]]).
-
-    One float64 GEMM of the queries against each database chunk, |q|^2 + |b|^2 - 2 <q, b>
-    read off at the pairs: products of fp16 descriptors are exact in float64 and 4,096-term
-    sums err by about 1e-13, far below fp32's rounding, so the distances are those of the
-    direct per-pair difference (fp32 then) to better than its own precision; at a fraction of
-    the time of gathering and differencing a candidate row per pair.
-    """
-    out = np.empty(len(cols), dtype=np.float64)
-    q64 = queries.astype(np.float64)  # [M,D]
-    q_norms = np.einsum("md,md->m", q64, q64)
-    order = np.argsort(cols, kind="stable")  # pairs by database row, so each chunk is a slice
-    bounds = np.searchsorted(cols[order], np.arange(0, len(database) + chunk, chunk))
-    for i, d0 in enumerate(range(0, len(database), chunk)):
-        sel = order[bounds[i] : bounds[i + 1]]
-        if not len(sel):
-            continue
-        b64 = database[d0 : d0 + chunk].astype(np.float64)  # [c,D]
-        gram = q64 @ b64.T  # [M,c]
-        r, c = rows[sel], cols[sel] - d0
-        out[sel] = q_norms[r] + np.einsum("cd,cd->c", b64, b64)[c] - 2.0 * gram[r, c]
-    return np.maximum(out, 0.0, out=out)  # cancellation can leave duplicates at -1e-16
