@@ -300,7 +300,7 @@ def test_only_global_rank_zero_mines(monkeypatch: pytest.MonkeyPatch) -> None:
         miner=SimpleNamespace(mine=lambda *a, **k: pytest.fail("rank 1 mined"), load_state_dict=loaded.append),
         serve_round=lambda index, tuples: served.append((index, tuples)),
     )
-    module = SimpleNamespace(net_at_round_start=lambda round_index: None, device=torch.device("cpu"))
+    module = SimpleNamespace(mining_net=lambda round_index: None, device=torch.device("cpu"))
     rank0 = ([MinedTuple(4, 1, np.array([2]), np.array([1]))], {"queries": torch.tensor([4])})
     for broadcast, expected in ((rank0, None), ("query 4 has only 0 negative candidates", "only 0 negative")):
         trainer = SimpleNamespace(datamodule=datamodule, is_global_zero=False,

@@ -52,7 +52,7 @@ class TupleMining(Callback):
         from, mine the round's tuples and hand them to the datamodule."""
         datamodule: TupleDataModule = trainer.datamodule
         extraction = extract_descriptors(
-            pl_module.net_at_round_start(round_index),
+            pl_module.mining_net(round_index),
             datamodule.train_images(),
             batch_size=datamodule.eval_batch_size,
             num_workers=datamodule.num_workers,

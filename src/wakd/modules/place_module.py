@@ -107,6 +107,8 @@ class PlaceModule(RecallValidation, L.LightningModule):
         distill_vlad: bool = True,
         distill_attention: bool = True,
         distill_center: bool = False,
+        distill_scope: str = "tuple",
+        mine_with: str = "student",
         teacher_cache: bool = False,
         pos_num: int = 3,
         eval_ns: Sequence[int] = (1, 5, 10),
@@ -127,6 +129,12 @@ class PlaceModule(RecallValidation, L.LightningModule):
         self.distill_weight = distill_weight
         self.distill_vlad, self.distill_attention = distill_vlad, distill_attention
         self.distill_center = distill_center
+        if distill_scope not in ("tuple", "batch"):
+            raise ValueError(f"distill.scope={distill_scope!r}: choose 'tuple' (the reference's) or 'batch'")
+        self.distill_scope = distill_scope
+        if mine_with not in ("student", "teacher") or (mine_with == "teacher" and teacher is None):
+            raise ValueError(f"distill.mine_with={mine_with!r}: choose 'student', or 'teacher' with a teacher")
+        self.mine_with = mine_with
         self.use_teacher_cache = teacher_cache and teacher is not None
         self.teacher_cache: TeacherCache | None = None  # filled at fit start, never checkpointed
         self.pos_num = pos_num
@@ -230,9 +238,12 @@ class PlaceModule(RecallValidation, L.LightningModule):
         self._reset_optimizers()
         self.generation = generation
 
-    def net_at_round_start(self, round_index: int) -> nn.Module:
-        """The network round ``round_index`` starts from, to mine that round before it starts:
-        the student as it is, or at the start of a new generation its initial weights."""
+    def mining_net(self, round_index: int) -> nn.Module:
+        """The network that mines round ``round_index`` before it starts: the teacher with
+        ``mine_with='teacher'``; else the student as it is, or at the start of a new
+        generation its initial weights."""
+        if self.mine_with == "teacher":
+            return self.teacher.to(self.device)  # mining may come before on_fit_start moved it
         if self.schedule.generation_of(round_index) == self.generation or self.initial_state is None:
             return self.net
         net = copy.deepcopy(self.net)
@@ -305,18 +316,21 @@ class PlaceModule(RecallValidation, L.LightningModule):
                 raise ValueError(f"the teacher cache needs image ids [B, T] = [{b}, {t}], got {tuple(image_ids.shape)}")
             target_vlad, target_attention = self.distill_targets(flat, image_ids)
             rows = reference_gram_rows(n, p, device=flat.device)
-            terms = []
-            for i in range(b):  # the Gram matrices are over the images of one tuple
-                tuple_rows = i * t + rows
-                terms.append(distill_loss(
-                    out.vlad[tuple_rows],
-                    target_vlad[tuple_rows],
-                    out.features[tuple_rows],
-                    target_attention[tuple_rows],
+            # tuple: one Gram per tuple over its reference rows; batch: one Gram over every
+            # image of the step's tuples, so that it also relates images of different places
+            groups = [i * t + rows for i in range(b)] if self.distill_scope == "tuple" else [torch.arange(b * t, device=flat.device)]
+            terms = [
+                distill_loss(
+                    out.vlad[group],
+                    target_vlad[group],
+                    out.features[group],
+                    target_attention[group],
                     use_vlad=self.distill_vlad,
                     use_attention=self.distill_attention,
                     center=self.distill_center,
-                ))
+                )
+                for group in groups
+            ]
             loss_distill = torch.stack([term["total"] for term in terms]).mean()
             loss = loss + self.distill_weight * loss_distill
             self.log("train/loss_distill", loss_distill, prog_bar=True, batch_size=b)
