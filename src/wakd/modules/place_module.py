@@ -315,10 +315,11 @@ class PlaceModule(RecallValidation, L.LightningModule):
             if self.teacher_cache is not None and tuple(image_ids.shape) != (b, t):
                 raise ValueError(f"the teacher cache needs image ids [B, T] = [{b}, {t}], got {tuple(image_ids.shape)}")
             target_vlad, target_attention = self.distill_targets(flat, image_ids)
-            rows = reference_gram_rows(n, p, device=flat.device)
-            # tuple: one Gram per tuple over its reference rows; batch: one Gram over every
-            # image of the step's tuples, so that it also relates images of different places
-            groups = [i * t + rows for i in range(b)] if self.distill_scope == "tuple" else [torch.arange(b * t, device=flat.device)]
+            if self.distill_scope == "tuple":  # one Gram per tuple, over the reference's rows
+                rows = reference_gram_rows(n, p, device=flat.device)
+                groups = [i * t + rows for i in range(b)]
+            else:  # one Gram over every image of the step, relating different places too
+                groups = [torch.arange(b * t, device=flat.device)]
             terms = [
                 distill_loss(
                     out.vlad[group],
