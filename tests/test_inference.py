@@ -132,6 +132,10 @@ def test_onnxruntime_splits_the_batch_over_threads() -> None:
     assert split._pool is not None and single._pool is None
     with torch.no_grad():
         assert max_error(split(images), net(images)) < 1e-4
+    # Runs of one image each (a 480x640 image's pixels per run by default) change nothing.
+    one_by_one = OnnxDescriptorNet(buffer.getvalue(), threads=1, run_pixels=IMAGE_SIZE[0] * IMAGE_SIZE[1])
+    whole = OnnxDescriptorNet(buffer.getvalue(), threads=1, run_pixels=10**9)
+    assert max_error(one_by_one(images), whole(images)) < 1e-6
 
 
 def test_extraction_on_the_optimised_path() -> None:

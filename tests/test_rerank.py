@@ -67,6 +67,12 @@ def test_matches_brute_force(k1: int, k2: int, lam: float) -> None:
     np.testing.assert_allclose(final, want_final[a, b], atol=2e-5)
     assert (want_jac[a, b] < 1).mean() > 0.1  # the test data have non-trivial overlaps
     assert k1 != 8 or grown > 0  # and, for k1 = 8, expanded k-reciprocal sets
+    # The pairs' distances handed in (a mining round has them) give the same result.
+    known = ((x[a].astype(np.float64) - x[b]) ** 2).sum(1)
+    given, _ = k_reciprocal_distances(x, a, b, k1=k1, k2=k2, lambda_value=lam, pair_distances=known)
+    np.testing.assert_allclose(given, final, atol=1e-6)
+    with pytest.raises(ValueError, match="pair_distances has shape"):
+        k_reciprocal_distances(x, a, b, k1=k1, k2=k2, lambda_value=lam, pair_distances=known[1:])
 
 
 def test_knn_graph_chunks_agree_with_full_sort() -> None:
@@ -78,6 +84,18 @@ def test_knn_graph_chunks_agree_with_full_sort() -> None:
     np.testing.assert_allclose(d, want.values[:, :6].numpy(), atol=1e-5)
     np.testing.assert_allclose(row_max, full.max(1).values.numpy(), rtol=1e-5)
     assert (i[:, 0] == np.arange(50)).all() and (d[:, 0] == 0).all()
+
+
+def test_knn_graph_in_one_block_of_several_stripes() -> None:
+    """600 rows: one diagonal block (syrk, its triangle mirrored in 256-row stripes and a
+    remainder), the same neighbours as a full sort."""
+    x = torch.randn(600, 16)
+    d, i, row_max = knn_graph(x.numpy(), 5)
+    full = torch.cdist(x.double(), x.double()).pow(2)
+    want = full.sort(dim=1)
+    np.testing.assert_array_equal(i, want.indices[:, :5].numpy())
+    np.testing.assert_allclose(d, want.values[:, :5].numpy(), atol=1e-4)
+    np.testing.assert_allclose(row_max, full.max(1).values.numpy(), rtol=1e-5)
 
 
 def test_knn_graph_with_duplicates_and_fp16() -> None:

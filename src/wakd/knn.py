@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import faiss
 import numpy as np
-from scipy.linalg.blas import sgemm
+from scipy.linalg.blas import sgemm, ssyrk
 
 __all__ = ["cross_pair_sq_distances", "gpu_available", "knn_graph", "knn_search", "pair_sq_distances"]
 
@@ -251,7 +251,9 @@ def _cpu_graph(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray
     half of the (symmetric) distance matrix, a quarter of the work of two searches.
 
     Blocks of ``rows`` rows: each distance block (I, J >= I) is one sgemm adding -2 <a, b>
-    onto |a|^2 + |b|^2 (faiss's formula, same order of operations) and feeds faiss's heaps
+    onto |a|^2 + |b|^2 (faiss's formula, same order of operations; on the diagonal, I = J,
+    one syrk of half the multiply-adds, its triangle mirrored: all of the demo city's
+    training images are one block) and feeds faiss's heaps
     of rows I and, transposed, of rows J: a max-heap of the k nearest and a min-heap of the
     farthest. Every row sees the column blocks in index order and a heap only takes
     strictly better values, so among equal distances the lower index is kept.
@@ -279,8 +281,12 @@ def _cpu_graph(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray
             dist = block[: len(xa) * len(xb)].reshape(len(xa), len(xb))  # C-ordered [a,b]
             np.add(norms_a[:, None], norms_b[None, :], out=dist)
             # BLAS is column-major: dist.T, xb.T and xa.T are Fortran arrays without a
-            # copy, and sgemm(xb, xa^T) fills dist.T in place (overwrite_c).
-            dist = sgemm(-2.0, xb.T, xa.T, beta=1.0, trans_a=1, c=dist.T, overwrite_c=1).T
+            # copy, and BLAS fills dist.T in place (overwrite_c).
+            if j0 == i0:  # a diagonal block is symmetric: syrk does half of sgemm's work
+                dist = ssyrk(-2.0, xa.T, beta=1.0, c=dist.T, trans=1, overwrite_c=1).T
+                _mirror_lower(dist)
+            else:
+                dist = sgemm(-2.0, xb.T, xa.T, beta=1.0, trans_a=1, c=dist.T, overwrite_c=1).T
             for heaps in (near, far):
                 heaps.addn(len(xb), faiss.swig_ptr(dist), j0, i0, len(xa))
             if j0 != i0:
@@ -288,3 +294,19 @@ def _cpu_graph(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray
                 for heaps in (near, far):
                     heaps.addn(len(xa), faiss.swig_ptr(dist_t), i0, j0, len(xb))
     return near_d, near_i, far_i[:, 0]
+
+
+def _mirror_lower(square: np.ndarray, stripe: int = 256) -> None:
+    """Copy the lower triangle of a C-ordered square matrix onto its upper one, in place.
+
+    Stripe by stripe (transposed copies of cache-sized blocks), without the index arrays
+    of ``np.triu_indices`` (tens of MB for a 4,096-row block).
+    """
+    n = len(square)
+    upper = np.triu_indices(min(stripe, n), 1)
+    for r0 in range(0, n, stripe):
+        r1 = min(r0 + stripe, n)
+        square[r0:r1, r1:] = square[r1:, r0:r1].T
+        diagonal = square[r0:r1, r0:r1]
+        within = upper if r1 - r0 == min(stripe, n) else np.triu_indices(r1 - r0, 1)
+        diagonal[within] = diagonal.T[within]

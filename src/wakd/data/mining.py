@@ -103,11 +103,14 @@ class TupleMiner:
         # Negative candidates first (the same draws, in the same order, as one query at a
         # time): random candidates + last time's hardest, minus anything within 25 m.
         neg_candidates = []
+        chosen = np.zeros(len(db_desc), dtype=bool)  # one mask reused: sorted sets without np.unique
         for q in query_ids:
             q = int(q)
-            candidates = rng.choice(len(db_desc), size=min(self.neg_pool, len(db_desc)), replace=False)
-            candidates = np.union1d(candidates, self.last_negatives.get(q, np.empty(0, np.int64)))
-            candidates = candidates[~np.isin(candidates, self.non_negatives[q])]
+            chosen[rng.choice(len(db_desc), size=min(self.neg_pool, len(db_desc)), replace=False)] = True
+            chosen[self.last_negatives.get(q, np.empty(0, np.int64))] = True
+            chosen[self.non_negatives[q]] = False
+            candidates = np.flatnonzero(chosen)
+            chosen[candidates] = False
             if len(candidates) < self.neg_num:
                 raise ValueError(
                     f"query {q} of {self.split.name}/{self.split.split} has only {len(candidates)} "
@@ -127,17 +130,16 @@ class TupleMiner:
         pos_dists, neg_dists = dist[: len(query_ids)], dist[len(query_ids) :]
 
         # Positive pools: the pos_pool nearest positives (within 10 m) in descriptor space.
-        pools = [
-            c[np.argsort(d, kind="stable")][: self.pos_pool]
-            for c, d in zip(pos_candidates, pos_dists, strict=True)
-        ]
+        nearest = [np.argsort(d, kind="stable")[: self.pos_pool] for d in pos_dists]
+        pools = [c[order] for c, order in zip(pos_candidates, nearest, strict=True)]
         reranked: list[np.ndarray | None] = [None] * len(pools)
         if rerank and len(pools):
             sizes = [len(p) for p in pools]
             a = np.repeat(query_ids, sizes)
             b = np.concatenate(pools) + len(q_desc)  # database rows follow the queries
+            known = np.concatenate([d[order] for d, order in zip(pos_dists, nearest, strict=True)])
             final, _ = k_reciprocal_distances(np.concatenate([q_desc, db_desc]), a, b, device=device,
-                                              **self.rerank_args)
+                                              pair_distances=known, **self.rerank_args)
             reranked = np.split(final, np.cumsum(sizes)[:-1])
         tuples = []
         for q, pos_pool, pos_reranked, candidates, neg_dist in zip(

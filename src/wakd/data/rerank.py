@@ -110,11 +110,14 @@ def k_reciprocal_distances(
     k2: int = 1,
     lambda_value: float = 0.1,
     device: torch.device | str = "cpu",
+    pair_distances: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-ranked and Jaccard distances of the row pairs (a[p], b[p]) of ``features`` [N, D].
 
     Returns (final [P], jaccard [P]) with final = (1 - lambda) * jaccard + lambda * d, d the
     squared L2 distance divided by the maximum of row a[p] (steps in the module docstring).
+    ``pair_distances`` [P]: the pairs' squared L2 distances where the caller has them
+    already (a mining round does), so that they are not computed again.
     The neighbour search runs on faiss's GPU when ``device`` is a CUDA device and this
     faiss build has GPU support, on the CPU otherwise.
     """
@@ -124,6 +127,8 @@ def k_reciprocal_distances(
     b = np.asarray(b, dtype=np.int64).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"pair index arrays differ in length: {a.shape} vs {b.shape}")
+    if pair_distances is not None and np.shape(pair_distances) != a.shape:
+        raise ValueError(f"pair_distances has shape {np.shape(pair_distances)}, the pairs {a.shape}")
     x = np.asarray(features)
     n = x.shape[0]
     if len(a) == 0:
@@ -146,6 +151,8 @@ def k_reciprocal_distances(
         v = _k_reciprocal_weights(x, nn, nn_dist, row_max, ends, k1)
     overlap = np.asarray(v[a].minimum(v[b]).sum(axis=1)).reshape(-1)
     jaccard = (1.0 - overlap / (2.0 - overlap)).astype(np.float32)
-    original = pair_sq_distances(x, a, b) / np.maximum(row_max[a], 1e-12)
+    if pair_distances is None:
+        pair_distances = pair_sq_distances(x, a, b)
+    original = np.asarray(pair_distances, dtype=np.float32) / np.maximum(row_max[a], 1e-12)
     final = (1.0 - lambda_value) * jaccard + lambda_value * original
     return final.astype(np.float32), jaccard

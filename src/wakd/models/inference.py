@@ -32,6 +32,8 @@ Backend = Literal["auto", "onnxruntime", "torch"]
 # Largest |optimised - eager fp32| accepted on any descriptor element.
 TOLERANCE = 1e-4
 ONNX_OPSET = 17
+# Input pixels per ONNX Runtime run (OnnxDescriptorNet): one 480x640 image.
+RUN_PIXELS = 480 * 640
 
 
 def fold_batchnorm(net: nn.Module) -> nn.Module:
@@ -89,9 +91,13 @@ class OnnxDescriptorNet(nn.Module):
     threads idle: describe batches of at least ``threads`` images.
     """
 
-    def __init__(self, model: str | os.PathLike | bytes, threads: int | None = None) -> None:
+    def __init__(
+        self, model: str | os.PathLike | bytes, threads: int | None = None, run_pixels: int = RUN_PIXELS
+    ) -> None:
         super().__init__()
         import onnxruntime as ort
+
+        self.run_pixels = run_pixels
 
         # Same thread budget as PyTorch, so backends compare (and share cores) fairly.
         self.threads = max(1, threads or torch.get_num_threads())
@@ -113,8 +119,11 @@ class OnnxDescriptorNet(nn.Module):
         self._pool: ThreadPoolExecutor | None = None  # created on the first split batch
 
     def _run(self, array: np.ndarray) -> np.ndarray:
-        (descriptors,) = self.session.run(None, {self.input_name: array})
-        return descriptors
+        # Runs of at most ``run_pixels`` input pixels: a 480x640 image at a time keeps the
+        # early layers' activations in cache, a batch of them does not.
+        step = max(1, self.run_pixels // (array.shape[2] * array.shape[3]))
+        parts = [self.session.run(None, {self.input_name: array[i : i + step]})[0] for i in range(0, len(array), step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def forward(self, images: Tensor) -> Tensor:
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
