@@ -297,16 +297,11 @@ def _cpu_graph(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _mirror_lower(square: np.ndarray, stripe: int = 256) -> None:
-    """Copy the lower triangle of a C-ordered square matrix onto its upper one, in place.
-
-    Stripe by stripe (transposed copies of cache-sized blocks), without the index arrays
-    of ``np.triu_indices`` (tens of MB for a 4,096-row block).
-    """
+    """Copy the lower triangle of a C-ordered square matrix onto its upper one, in place,
+    stripe by stripe (transposed copies of cache-sized blocks, no index arrays)."""
     n = len(square)
-    upper = np.triu_indices(min(stripe, n), 1)
     for r0 in range(0, n, stripe):
         r1 = min(r0 + stripe, n)
         square[r0:r1, r1:] = square[r1:, r0:r1].T
         diagonal = square[r0:r1, r0:r1]
-        within = upper if r1 - r0 == min(stripe, n) else np.triu_indices(r1 - r0, 1)
-        diagonal[within] = diagonal.T[within]
+        diagonal[...] = np.tril(diagonal) + np.tril(diagonal, -1).T
