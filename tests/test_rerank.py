@@ -112,6 +112,24 @@ def test_knn_graph_with_duplicates_and_fp16() -> None:
     np.testing.assert_allclose(row_max, full.max(1), rtol=1e-6)
 
 
+def test_knn_graph_row_maxima_of_near_duplicates() -> None:
+    """Rows far from the origin and close to each other: faiss's |a|^2 + |b|^2 - 2<a, b>
+    cancels to noise there (distances ~1e-2 against norms ~6e4; it is off by up to 40 %), so
+    the maxima are direct differences to the row the pass found farthest (that choice is
+    itself noisy); ordinary rows keep the pass's own values, within fp32 rounding."""
+    rng = np.random.default_rng(3)
+    x = (30.0 + 1e-2 * rng.normal(size=(40, 64))).astype(np.float32)
+    _, _, row_max = knn_graph(x, 4)
+    full = ((x[:, None].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
+    nearest_entry = np.abs(full - row_max[:, None]).min(1)
+    assert (nearest_entry <= 1e-5 * row_max).all()  # a real distance of the row, not noise
+    assert (row_max >= 0.5 * full.max(1)).all()
+    x = rng.normal(size=(40, 64)).astype(np.float32)
+    _, _, row_max = knn_graph(x, 4)
+    full = ((x[:, None].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_allclose(row_max, full.max(1), rtol=1e-5)
+
+
 def test_select_positives_top_and_gain() -> None:
     pool = np.array([10, 11, 12, 13, 14])  # ordered by the original distance
     reranked = np.array([0.5, 0.1, 0.4, 0.2, 0.9])  # re-ranked order: 11, 13, 12, 10, 14
