@@ -77,7 +77,7 @@ def test_matches_brute_force(k1: int, k2: int, lam: float) -> None:
 
 def test_knn_graph_chunks_agree_with_full_sort() -> None:
     x = torch.randn(50, 8)
-    d, i, row_max = knn_graph(x.numpy(), 6, q_chunk=7, db_chunk=11)
+    d, i, row_max, _ = knn_graph(x.numpy(), 6, q_chunk=7, db_chunk=11)
     full = torch.cdist(x.double(), x.double()).pow(2)
     want = full.sort(dim=1)
     np.testing.assert_array_equal(i, want.indices[:, :6].numpy())
@@ -90,7 +90,7 @@ def test_knn_graph_in_one_block_of_several_stripes() -> None:
     """600 rows: one diagonal block (syrk, its triangle mirrored in 256-row stripes and a
     remainder), the same neighbours as a full sort."""
     x = torch.randn(600, 16)
-    d, i, row_max = knn_graph(x.numpy(), 5)
+    d, i, row_max, _ = knn_graph(x.numpy(), 5)
     full = torch.cdist(x.double(), x.double()).pow(2)
     want = full.sort(dim=1)
     np.testing.assert_array_equal(i, want.indices[:, :5].numpy())
@@ -104,7 +104,7 @@ def test_knn_graph_with_duplicates_and_fp16() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 8)).astype(np.float16)
     x[10:15] = x[10]  # five identical rows, more than k = 3 neighbours can hold
-    d, i, row_max = knn_graph(x, 3, q_chunk=4, db_chunk=7)
+    d, i, row_max, _ = knn_graph(x, 3, q_chunk=4, db_chunk=7)
     assert (i == np.arange(30)[:, None]).any(axis=1).all()  # every row in its own list
     assert (d[np.arange(30)[:, None] == i] == 0).all()
     np.testing.assert_array_equal(i[12], [10, 11, 12])  # equal distances: lower index first
@@ -119,13 +119,13 @@ def test_knn_graph_row_maxima_of_near_duplicates() -> None:
     itself noisy); ordinary rows keep the pass's own values, within fp32 rounding."""
     rng = np.random.default_rng(3)
     x = (30.0 + 1e-2 * rng.normal(size=(40, 64))).astype(np.float32)
-    _, _, row_max = knn_graph(x, 4)
+    row_max = knn_graph(x, 4).row_max
     full = ((x[:, None].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
     nearest_entry = np.abs(full - row_max[:, None]).min(1)
     assert (nearest_entry <= 1e-5 * row_max).all()  # a real distance of the row, not noise
     assert (row_max >= 0.5 * full.max(1)).all()
     x = rng.normal(size=(40, 64)).astype(np.float32)
-    _, _, row_max = knn_graph(x, 4)
+    row_max = knn_graph(x, 4).row_max
     full = ((x[:, None].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_allclose(row_max, full.max(1), rtol=1e-5)
 
@@ -190,21 +190,3 @@ def test_training_reranks_positives_from_generation_one(
     overrides = [*TINY_TRAIN, "teacher=none", "train.generations=2", "train.passes=1", "trainer.limit_train_batches=1"]
     train.run(compose_cfg("train", overrides, tiny_data_dir, tmp_path / "run"))
     assert calls == [False, True]  # round 0 is generation 0, round 1 generation 1
-
-
-def test_mining_pair_distances_match_direct_differences() -> None:
-    """The float64 GEMM distances of a mining round equal the pairs' direct differences
-    (fp16 inputs), across database chunks and for repeated and duplicate rows."""
-    from wakd.knn import cross_pair_sq_distances
-
-    rng = np.random.default_rng(1)
-    q = rng.normal(size=(7, 24)).astype(np.float16)
-    db = rng.normal(size=(40, 24)).astype(np.float16)
-    db[5] = q[2]  # distance exactly 0
-    rows = rng.integers(0, 7, 200)
-    cols = rng.integers(0, 40, 200)
-    rows[0], cols[0] = 2, 5
-    got = cross_pair_sq_distances(q, db, rows, cols, chunk=9)
-    want = ((q[rows].astype(np.float64) - db[cols].astype(np.float64)) ** 2).sum(1)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    assert got[0] == 0.0

@@ -13,12 +13,22 @@ the chunk sizes or on the device.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import faiss
 import numpy as np
 from scipy.linalg.blas import sgemm, ssyrk
 
-__all__ = ["cross_pair_sq_distances", "gpu_available", "knn_graph", "knn_search", "pair_sq_distances"]
+__all__ = [
+    "KnnGraph",
+    "cross_pair_sq_distances",
+    "formula_error_bound",
+    "gpu_available",
+    "k_smallest_per_list",
+    "knn_graph",
+    "knn_search",
+    "pair_sq_distances",
+]
 
 # (queries [q,D] fp32, database [n,D] fp32, k) -> (scores [q,k] fp32, indices [q,k] int64)
 TileSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -150,49 +160,124 @@ def knn_search(
     return _tiled_search(database, queries, k, db_chunk, q_chunk, use_gpu)
 
 
-def pair_sq_distances(x: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Squared L2 distances [P] float32 of the row pairs (x[a[p]], x[b[p]]), computed directly."""
+def pair_sq_distances(
+    x: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 4096, dtype: type = np.float32
+) -> np.ndarray:
+    """Squared L2 distances [P] of the row pairs (x[a[p]], x[b[p]]), computed directly in
+    ``dtype`` (float64: exact to its rounding for fp16 or fp32 rows)."""
     a = np.asarray(a, dtype=np.int64).reshape(-1)
     b = np.asarray(b, dtype=np.int64).reshape(-1)
-    out = np.empty(len(a), dtype=np.float32)
+    out = np.empty(len(a), dtype=dtype)
     for p0 in range(0, len(a), chunk):
-        # Each distinct row converted to fp32 once (numpy's fp16 cast is slow, and
-        # re-ranking's pairs repeat every query about pos_pool times), then gathered.
         ends = np.concatenate([a[p0 : p0 + chunk], b[p0 : p0 + chunk]])
-        rows, where = np.unique(ends, return_inverse=True)
-        x32 = x[rows].astype(np.float32)
         n = len(ends) // 2
-        diff = x32[where[:n]] - x32[where[n:]]
+        if x.dtype == np.float16:
+            # numpy's fp16 cast is slow and re-ranking's pairs repeat every query about
+            # pos_pool times: each distinct row converted once, then gathered.
+            rows, where = np.unique(ends, return_inverse=True)
+            converted = x[rows].astype(dtype)
+            diff = converted[where[:n]] - converted[where[n:]]
+        else:
+            diff = x[ends[:n]].astype(dtype, copy=False) - x[ends[n:]]
         out[p0 : p0 + chunk] = np.einsum("pd,pd->p", diff, diff)
     return out
+
+
+def formula_error_bound(dim: int, sq_norm_sum: float) -> float:
+    """A bound on the error of |a|^2 + |b|^2 - 2 <a, b> computed in fp32 from rows whose
+    values fp32 holds exactly (fp16 or fp32), with |a|^2 + |b|^2 <= ``sq_norm_sum``.
+
+    The two norms and the product are sums of ``dim`` terms (each within gamma_dim times
+    the sum of the terms' magnitudes, in any order of summation, with or without FMA) and
+    2 |<a, b>| <= |a|^2 + |b|^2: the error is at most (2 gamma_dim + 3u) (|a|^2 + |b|^2),
+    u = 2^-24; 3 gamma_(dim + 2) covers it with room for the rounding of the bound itself.
+    """
+    unit = 2.0**-24
+    gamma = (dim + 2) * unit / (1.0 - (dim + 2) * unit)
+    return 3.0 * gamma * float(sq_norm_sum)
 
 
 def cross_pair_sq_distances(
     queries: np.ndarray, database: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 4096
 ) -> np.ndarray:
-    """Squared L2 distances [P] float64 of the pairs (queries[rows[p]], database[cols[p]]): a
-    mining round's query-to-candidate distances.
+    """Squared L2 distances [P] float32 of the pairs (queries[rows[p]], database[cols[p]]),
+    by |q|^2 + |b|^2 - 2 <q, b> in fp32: within :func:`formula_error_bound` of the exact ones.
 
-    One float64 GEMM of the queries against each database chunk, |q|^2 + |b|^2 - 2 <q, b>
-    read off at the pairs: products of fp16 descriptors are exact in float64 and 4,096-term
-    sums err by about 1e-13, far below fp32's rounding, so the distances are those of the
-    direct per-pair difference (fp32 then) to better than its own precision; at a fraction of
-    the time of gathering and differencing a candidate row per pair.
+    One sgemm of the queries against each database chunk, read off at the pairs: a mining
+    round's query-to-candidate distances at a fraction of the time of gathering and
+    differencing a candidate row per pair. A float64 GEMM (exact to far below fp32's
+    rounding) took twice as long; the miner re-scores exactly only the pairs whose order
+    the bound leaves in doubt (:func:`k_smallest_per_list`).
     """
-    out = np.empty(len(cols), dtype=np.float64)
-    q64 = queries.astype(np.float64)  # [M,D]
-    q_norms = np.einsum("md,md->m", q64, q64)
-    order = np.argsort(cols, kind="stable")  # pairs by database row, so each chunk is a slice
-    bounds = np.searchsorted(cols[order], np.arange(0, len(database) + chunk, chunk))
+    out = np.empty(len(cols), dtype=np.float32)
+    q32 = queries.astype(np.float32, copy=False)  # [M,D]
+    q_norms = np.einsum("md,md->m", q32, q32)
+    order, bounds = _group_by(cols // chunk, -(-len(database) // chunk))  # each chunk's pairs
     for i, d0 in enumerate(range(0, len(database), chunk)):
         sel = order[bounds[i] : bounds[i + 1]]
         if not len(sel):
             continue
-        b64 = database[d0 : d0 + chunk].astype(np.float64)  # [c,D]
-        gram = q64 @ b64.T  # [M,c]
+        b32 = database[d0 : d0 + chunk].astype(np.float32, copy=False)  # [c,D]
+        gram = q32 @ b32.T  # [M,c]
         r, c = rows[sel], cols[sel] - d0
-        out[sel] = q_norms[r] + np.einsum("cd,cd->c", b64, b64)[c] - 2.0 * gram[r, c]
-    return np.maximum(out, 0.0, out=out)  # cancellation can leave duplicates at -1e-16
+        out[sel] = q_norms[r] + np.einsum("cd,cd->c", b32, b32)[c] - 2.0 * gram[r, c]
+    return out
+
+
+def k_smallest_per_list(
+    approx: np.ndarray,
+    bound: float,
+    lengths: np.ndarray,
+    k: int,
+    exact: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest distances of every list, in the order the exact distances give
+    (among equal ones the earlier position first), from approximate ones.
+
+    ``approx`` [P]: the lists' distances concatenated (list i has ``lengths[i]``), each
+    within ``bound`` of its exact value; ``exact(positions)`` gives the exact distances
+    [len(positions)] float64 of those positions. Only pairs within 2 ``bound`` of a
+    neighbour in approximate order, among those that could be in a list's k smallest,
+    are re-scored: elsewhere the approximate order is the exact one.
+
+    Returns (positions into ``approx`` of each list's min(k, length) smallest, list by
+    list and nearest first; their distances [S] float64, exact where re-scored).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(approx):
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    starts = np.cumsum(lengths) - lengths
+    group = np.repeat(np.arange(len(lengths)), lengths)  # [P] list of each position
+    values = approx.astype(np.float64)
+    # Each list's k-th smallest approximate value (lists as rows padded with inf).
+    width = int(lengths.max())
+    padded = np.full((len(lengths), width), np.inf)
+    padded[group, np.arange(len(values)) - starts[group]] = values
+    kth = np.partition(padded, min(k, width) - 1, axis=1)[:, min(k, width) - 1]
+    # A position whose value exceeds the k-th by more than 2 bound has k exactly smaller ones.
+    order = np.flatnonzero(values <= kth[group] + 2.0 * bound)
+    order = order[np.lexsort((values[order], group[order]))]  # by list, then value; stable
+    close = (group[order[1:]] == group[order[:-1]]) & (np.diff(values[order]) <= 2.0 * bound)
+    doubt = np.zeros(len(order), dtype=bool)
+    doubt[1:] |= close
+    doubt[:-1] |= close
+    chosen = values[order]
+    chosen[doubt] = exact(order[doubt])
+    resort = np.lexsort((order, chosen, group[order]))
+    order, chosen = order[resort], chosen[resort]
+    listed = group[order]
+    rank = np.arange(len(order)) - np.searchsorted(listed, listed)  # place within its list
+    keep = rank < k
+    return order[keep], chosen[keep]
+
+
+class KnnGraph(NamedTuple):
+    """:func:`knn_graph`'s result."""
+
+    distances: np.ndarray  # [N, k] float32 ascending
+    indices: np.ndarray  # [N, k] int64
+    row_max: np.ndarray  # [N] float32: each row's largest squared distance to any row
+    pair_distances: np.ndarray | None  # [P] float32 of the requested pairs (cross_pair_sq_distances's precision)
 
 
 def knn_graph(
@@ -202,23 +287,30 @@ def knn_graph(
     db_chunk: int = 16384,
     q_chunk: int = 4096,
     use_gpu: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+) -> KnnGraph:
     """The k nearest rows of every row of ``x`` [N, D] (itself included) by squared L2.
 
-    Returns (distances [N, k] ascending, indices [N, k] int64, row maxima [N]: each row's
-    largest squared distance to any row). A row's distance to itself is exactly 0 and the
-    row is always in its own list.
+    Returns a :class:`KnnGraph`: distances [N, k] ascending, indices [N, k] int64, each
+    row's largest squared distance to any row, and for ``pairs`` (a [P], b [P]) the
+    distances of the rows (x[a[p]], x[b[p]]) by the norm formula in fp32 (read off the
+    CPU pass, which computes them all anyway: a mining round's query-candidate pairs).
+    A row's distance to itself is exactly 0 and the row is always in its own list.
     """
     n = x.shape[0]
     k = min(k, n)
     own = np.arange(n)
+    pair_distances = None
     if _resolve_gpu(use_gpu):
         dist, idx, farthest = _gpu_graph(x, k, db_chunk, q_chunk)
         # The search only picks the farthest row; its distance is computed directly.
         row_max = pair_sq_distances(x, own, farthest)
+        if pairs is not None:
+            firsts, rows = np.unique(pairs[0], return_inverse=True)
+            pair_distances = cross_pair_sq_distances(x[firsts], x, rows, np.asarray(pairs[1]))
     else:
         block_rows = min(db_chunk, q_chunk, max(256, 2**25 // x.shape[1]))
-        dist, idx, farthest, row_max, sq_norms = _cpu_graph(x, k, block_rows)
+        dist, idx, farthest, row_max, sq_norms, pair_distances = _cpu_graph(x, k, block_rows, pairs)
         # |a|^2 + |b|^2 - 2 <a, b> loses digits only where it is small next to the norms
         # (near-duplicate data): those rows' maxima are computed directly. Recomputing all
         # of them cost 0.045 s of a 0.7 s mining round on the demo city.
@@ -231,7 +323,7 @@ def knn_graph(
     missing = np.flatnonzero(~is_self.any(axis=1))
     dist[missing, -1], idx[missing, -1] = 0.0, missing
     dist, idx = _merge_topk(dist, idx, k)
-    return dist, idx, row_max
+    return KnnGraph(dist, idx, row_max, pair_distances)
 
 
 def _gpu_graph(x: np.ndarray, k: int, db_chunk: int, q_chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -252,12 +344,15 @@ def _gpu_graph(x: np.ndarray, k: int, db_chunk: int, q_chunk: int) -> tuple[np.n
     return dist, idx, farthest[:, 0]
 
 
-def _cpu_graph(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, ...]:
+def _cpu_graph(
+    x: np.ndarray, k: int, rows: int, pairs: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, ...]:
     """knn_graph's k nearest and farthest row of every row on the CPU, in one pass over
     half of the (symmetric) distance matrix, a quarter of the work of two searches.
 
     Returns (nearest distances [n, k], their indices [n, k], the farthest row [n], its
-    distance [n], the squared norms [n]), all distances as faiss's formula computes them.
+    distance [n], the squared norms [n], the distances [P] of ``pairs`` or None), all
+    distances as faiss's formula computes them.
 
     Blocks of ``rows`` rows: each distance block (I, J >= I) is one sgemm adding -2 <a, b>
     onto |a|^2 + |b|^2 (faiss's formula, same order of operations; on the diagonal, I = J,
@@ -279,6 +374,12 @@ def _cpu_graph(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, ...]:
     buf_a = np.empty((min(rows, n), x.shape[1]), np.float32)
     buf_b = np.empty_like(buf_a)
     block = np.empty(min(rows, n) ** 2, np.float32)
+    pair_d = None
+    if pairs is not None:  # each pair (lower row, higher row) lies in one block (I, J >= I)
+        lower, upper = np.minimum(*pairs), np.maximum(*pairs)
+        blocks = -(-n // rows)
+        by_block, block_starts = _group_by((lower // rows) * blocks + upper // rows, blocks * blocks)
+        pair_d = np.empty(len(lower), np.float32)
     for i0 in range(0, n, rows):
         xa = buf_a[: min(rows, n - i0)]
         xa[:] = x[i0 : i0 + len(xa)]
@@ -299,11 +400,26 @@ def _cpu_graph(x: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, ...]:
                 dist = sgemm(-2.0, xb.T, xa.T, beta=1.0, trans_a=1, c=dist.T, overwrite_c=1).T
             for heaps in (near, far):
                 heaps.addn(len(xb), faiss.swig_ptr(dist), j0, i0, len(xa))
+            if pair_d is not None:
+                b_id = (i0 // rows) * blocks + j0 // rows
+                sel = by_block[block_starts[b_id] : block_starts[b_id + 1]]
+                pair_d[sel] = dist[lower[sel] - i0, upper[sel] - j0]
             if j0 != i0:
                 dist_t = np.ascontiguousarray(dist.T)  # [b,a]
                 for heaps in (near, far):
                     heaps.addn(len(xa), faiss.swig_ptr(dist_t), i0, j0, len(xb))
-    return near_d, near_i, far_i[:, 0], far_d[:, 0], sq_norms
+    return near_d, near_i, far_i[:, 0], far_d[:, 0], sq_norms, pair_d
+
+
+def _group_by(labels: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``labels`` [P] (in 0..num_labels-1) grouped by label, and where each
+    label's group starts [num_labels + 1]: group g is order[starts[g] : starts[g + 1]]."""
+    if num_labels == 1:  # the demo city's training split is one block: no sort at all
+        return np.arange(len(labels)), np.array([0, len(labels)])
+    # A stable sort of 16-bit keys is numpy's radix sort: ~8x faster than of int64 on 1M pairs.
+    keys = labels.astype(np.uint16) if num_labels <= 2**16 else labels
+    order = np.argsort(keys, kind="stable")
+    return order, np.searchsorted(labels[order], np.arange(num_labels + 1))
 
 
 def _mirror_lower(square: np.ndarray, stripe: int = 256) -> None:

@@ -20,8 +20,13 @@ import numpy as np
 import torch
 
 from wakd.data.datasets import PlaceSplit
-from wakd.data.rerank import k_reciprocal_distances
-from wakd.knn import cross_pair_sq_distances
+from wakd.data.rerank import k_reciprocal_distances, reranking_graph
+from wakd.knn import (
+    cross_pair_sq_distances,
+    formula_error_bound,
+    k_smallest_per_list,
+    pair_sq_distances,
+)
 
 POSITIVE_SELECTIONS = ("top", "gain")
 
@@ -120,39 +125,52 @@ class TupleMiner:
         pos_candidates = [self.positives[int(q)] for q in query_ids]
         if not len(query_ids):
             return []
-        # Every distance the round needs in one pass: a row gathered and differenced per
-        # query and candidate took most of the round (bench/p6_mining_round.py).
-        lists = [*pos_candidates, *neg_candidates]  # list i belongs to query i mod M
-        sizes = [len(c) for c in lists]
-        rows = np.repeat(np.tile(np.arange(len(query_ids)), 2), sizes)
-        dist = cross_pair_sq_distances(q_desc[query_ids], db_desc, rows, np.concatenate(lists))
-        dist = np.split(dist, np.cumsum(sizes)[:-1])
-        pos_dists, neg_dists = dist[: len(query_ids)], dist[len(query_ids) :]
+        # Every distance of the round in one pass, in fp32 by the norm formula (a row
+        # gathered and differenced per query and candidate took most of the round,
+        # bench/p6_mining_round.py); the few pairs whose order its rounding leaves in
+        # doubt are re-scored exactly, so the tuples are those of exact distances.
+        # [M + N, D]: database rows follow the queries; fp32 (exact for fp16) converted once.
+        x = np.concatenate([q_desc, db_desc], dtype=np.float32)
+        lists = [*pos_candidates, *neg_candidates]  # list i belongs to query i mod len(query_ids)
+        lengths = np.array([len(c) for c in lists])
+        rows = np.repeat(np.tile(np.arange(len(query_ids)), 2), lengths)  # into query_ids
+        cols = np.concatenate(lists)  # database indices
+        graph = None
+        if rerank:  # the re-ranking graph's pass computes all of them anyway
+            graph = reranking_graph(x, k1=self.rerank_args["k1"], k2=self.rerank_args["k2"], device=device,
+                                    pairs=(query_ids[rows], cols + len(q_desc)))  # fmt: skip
+            approx = graph.pair_distances
+        else:
+            approx = cross_pair_sq_distances(x[query_ids], x[len(q_desc) :], rows, cols)
+        sq_norms = np.einsum("nd,nd->n", x, x)
+        bound = formula_error_bound(x.shape[1], sq_norms[query_ids].max() + sq_norms[len(q_desc) :].max())
 
+        def exact(positions: np.ndarray) -> np.ndarray:
+            return pair_sq_distances(x, query_ids[rows[positions]], cols[positions] + len(q_desc), dtype=np.float64)
+
+        n_pos = int(lengths[: len(query_ids)].sum())
         # Positive pools: the pos_pool nearest positives (within 10 m) in descriptor space.
-        nearest = [np.argsort(d, kind="stable")[: self.pos_pool] for d in pos_dists]
-        pools = [c[order] for c, order in zip(pos_candidates, nearest, strict=True)]
+        pool_at, pool_dist = k_smallest_per_list(approx[:n_pos], bound, lengths[: len(query_ids)], self.pos_pool, exact)
+        pool_sizes = np.minimum(lengths[: len(query_ids)], self.pos_pool)
+        pools = np.split(cols[pool_at], np.cumsum(pool_sizes)[:-1])
+        # The neg_num hardest negatives, hardest first.
+        hardest_at, _ = k_smallest_per_list(approx[n_pos:], bound, lengths[len(query_ids) :], self.neg_num,
+                                            lambda positions: exact(positions + n_pos))  # fmt: skip
+        hardest = cols[n_pos + hardest_at].reshape(len(query_ids), self.neg_num)
         reranked: list[np.ndarray | None] = [None] * len(pools)
-        if rerank and len(pools):
-            sizes = [len(p) for p in pools]
-            a = np.repeat(query_ids, sizes)
-            b = np.concatenate(pools) + len(q_desc)  # database rows follow the queries
-            known = np.concatenate([d[order] for d, order in zip(pos_dists, nearest, strict=True)])
-            final, _ = k_reciprocal_distances(np.concatenate([q_desc, db_desc]), a, b, device=device,
-                                              pair_distances=known, **self.rerank_args)
-            reranked = np.split(final, np.cumsum(sizes)[:-1])
+        if rerank:
+            a = np.repeat(query_ids, pool_sizes)
+            final, _ = k_reciprocal_distances(x, a, cols[pool_at] + len(q_desc), pair_distances=pool_dist,
+                                              graph=graph, **self.rerank_args)  # fmt: skip
+            reranked = np.split(final, np.cumsum(pool_sizes)[:-1])
         tuples = []
-        for q, pos_pool, pos_reranked, candidates, neg_dist in zip(
-            query_ids, pools, reranked, neg_candidates, neg_dists, strict=True
-        ):
+        for q, pos_pool, pos_reranked, negatives in zip(query_ids, pools, reranked, hardest, strict=True):
             q = int(q)
             positives = select_positives(pos_pool, pos_reranked, self.pos_num, self.rerank_select)
             if len(positives) < self.pos_num:  # few positives: repeat the nearest ones
                 positives = np.resize(positives, self.pos_num)
-            hardest = np.argpartition(neg_dist, self.neg_num - 1)[: self.neg_num]
-            negatives = candidates[hardest[np.argsort(neg_dist[hardest], kind="stable")]]
             self.last_negatives[q] = negatives
-            tuples.append(MinedTuple(q, int(pos_pool[0]), negatives.astype(np.int64), positives.astype(np.int64)))
+            tuples.append(MinedTuple(q, int(pos_pool[0]), negatives, positives.astype(np.int64)))
         return tuples
 
     def state_dict(self) -> dict[str, torch.Tensor]:

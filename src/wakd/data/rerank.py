@@ -35,9 +35,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from wakd.knn import gpu_available, knn_graph, pair_sq_distances
+from wakd.knn import KnnGraph, gpu_available, knn_graph, pair_sq_distances
 
-__all__ = ["k_reciprocal_distances"]
+__all__ = ["k_reciprocal_distances", "reranking_graph"]
 
 
 def _reciprocal_mask(nn: np.ndarray, rows: np.ndarray, k: int, chunk: int = 8192) -> np.ndarray:
@@ -101,6 +101,24 @@ def _k_reciprocal_weights(
     return sp.csr_matrix((values, (row_idx, col_idx)), shape=(n, n))
 
 
+def reranking_graph(
+    features: np.ndarray,
+    *,
+    k1: int = 20,
+    k2: int = 1,
+    device: torch.device | str = "cpu",
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+) -> KnnGraph:
+    """The neighbour lists of every row of ``features`` that :func:`k_reciprocal_distances`
+    needs for these k1 and k2 (and the distances of ``pairs``, :func:`wakd.knn.knn_graph`).
+
+    The search runs on faiss's GPU when ``device`` is a CUDA device and this faiss build
+    has GPU support, on the CPU otherwise.
+    """
+    use_gpu = torch.device(device).type == "cuda" and gpu_available()
+    return knn_graph(features, min(max(k1 + 1, k2), len(features)), use_gpu=use_gpu, pairs=pairs)
+
+
 def k_reciprocal_distances(
     features: np.ndarray,
     a: np.ndarray,
@@ -111,15 +129,16 @@ def k_reciprocal_distances(
     lambda_value: float = 0.1,
     device: torch.device | str = "cpu",
     pair_distances: np.ndarray | None = None,
+    graph: KnnGraph | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-ranked and Jaccard distances of the row pairs (a[p], b[p]) of ``features`` [N, D].
 
     Returns (final [P], jaccard [P]) with final = (1 - lambda) * jaccard + lambda * d, d the
     squared L2 distance divided by the maximum of row a[p] (steps in the module docstring).
     ``pair_distances`` [P]: the pairs' squared L2 distances where the caller has them
-    already (a mining round does), so that they are not computed again.
-    The neighbour search runs on faiss's GPU when ``device`` is a CUDA device and this
-    faiss build has GPU support, on the CPU otherwise.
+    already (a mining round does), so that they are not computed again; ``graph``: the
+    :func:`reranking_graph` of ``features`` for the same k1 and k2, likewise (searched on
+    ``device`` otherwise).
     """
     if k1 < 1 or k2 < 1 or not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"need k1 >= 1, k2 >= 1, 0 <= lambda <= 1 (got {k1}, {k2}, {lambda_value})")
@@ -134,8 +153,11 @@ def k_reciprocal_distances(
     if len(a) == 0:
         return np.empty(0, np.float32), np.empty(0, np.float32)
     k = min(max(k1 + 1, k2), n)
-    use_gpu = torch.device(device).type == "cuda" and gpu_available()
-    nn_dist, nn, row_max = knn_graph(x, k, use_gpu=use_gpu)
+    if graph is None:
+        graph = reranking_graph(x, k1=k1, k2=k2, device=device)
+    elif graph.indices.shape != (n, k):
+        raise ValueError(f"graph has neighbour lists {graph.indices.shape}; k1={k1}, k2={k2} need {(n, k)}")
+    nn_dist, nn, row_max = graph.distances, graph.indices, graph.row_max
     k1 = min(k1, k - 1)
     ends = np.unique(np.concatenate([a, b]))  # rows whose expanded V the pairs need
     k2 = min(k2, k)
