@@ -248,27 +248,30 @@ def k_smallest_per_list(
         return np.empty(0, np.int64), np.empty(0, np.float64)
     starts = np.cumsum(lengths) - lengths
     group = np.repeat(np.arange(len(lengths)), lengths)  # [P] list of each position
-    values = approx.astype(np.float64)
+    approx = np.asarray(approx, dtype=np.float32)
     # Each list's k-th smallest approximate value (lists as rows padded with inf).
     width = int(lengths.max())
-    padded = np.full((len(lengths), width), np.inf)
-    padded[group, np.arange(len(values)) - starts[group]] = values
+    padded = np.full((len(lengths), width), np.inf, dtype=np.float32)
+    padded[group, np.arange(len(approx)) - starts[group]] = approx
     kth = np.partition(padded, min(k, width) - 1, axis=1)[:, min(k, width) - 1]
-    # A position whose value exceeds the k-th by more than 2 bound has k exactly smaller ones.
-    order = np.flatnonzero(values <= kth[group] + 2.0 * bound)
-    order = order[np.lexsort((values[order], group[order]))]  # by list, then value; stable
-    close = (group[order[1:]] == group[order[:-1]]) & (np.diff(values[order]) <= 2.0 * bound)
+    # A position whose value exceeds the k-th by more than 2 bound has k exactly smaller
+    # ones; the limit is rounded up into fp32, so the fp32 comparison keeps all the others.
+    limit = np.nextafter((kth.astype(np.float64) + 2.0 * bound).astype(np.float32), np.float32(np.inf))
+    order = np.flatnonzero(approx <= limit[group])
+    values = approx[order].astype(np.float64)
+    by_value = np.lexsort((values, group[order]))  # by list, then value; stable
+    order, values = order[by_value], values[by_value]
+    close = (group[order[1:]] == group[order[:-1]]) & (np.diff(values) <= 2.0 * bound)
     doubt = np.zeros(len(order), dtype=bool)
     doubt[1:] |= close
     doubt[:-1] |= close
-    chosen = values[order]
-    chosen[doubt] = exact(order[doubt])
-    resort = np.lexsort((order, chosen, group[order]))
-    order, chosen = order[resort], chosen[resort]
+    values[doubt] = exact(order[doubt])
+    resort = np.lexsort((order, values, group[order]))
+    order, values = order[resort], values[resort]
     listed = group[order]
     rank = np.arange(len(order)) - np.searchsorted(listed, listed)  # place within its list
     keep = rank < k
-    return order[keep], chosen[keep]
+    return order[keep], values[keep]
 
 
 class KnnGraph(NamedTuple):
@@ -371,8 +374,17 @@ def _cpu_graph(
         heaps.val, heaps.ids = faiss.swig_ptr(d), faiss.swig_ptr(i)
         heaps.heapify()
     sq_norms = np.empty(n, np.float32)
-    buf_a = np.empty((min(rows, n), x.shape[1]), np.float32)
-    buf_b = np.empty_like(buf_a)
+    # Row blocks: views of fp32 rows (no copy), else converted into two reused buffers.
+    as_is = x.dtype == np.float32 and x.flags.c_contiguous
+    buffers = [None, None] if as_is else [np.empty((min(rows, n), x.shape[1]), np.float32) for _ in range(2)]
+
+    def fp32_rows(start: int, which: int) -> np.ndarray:
+        if as_is:
+            return x[start : start + rows]
+        out = buffers[which][: min(rows, n - start)]
+        out[:] = x[start : start + len(out)]
+        return out
+
     block = np.empty(min(rows, n) ** 2, np.float32)
     pair_d = None
     if pairs is not None:  # each pair (lower row, higher row) lies in one block (I, J >= I)
@@ -381,13 +393,10 @@ def _cpu_graph(
         by_block, block_starts = _group_by((lower // rows) * blocks + upper // rows, blocks * blocks)
         pair_d = np.empty(len(lower), np.float32)
     for i0 in range(0, n, rows):
-        xa = buf_a[: min(rows, n - i0)]
-        xa[:] = x[i0 : i0 + len(xa)]
+        xa = fp32_rows(i0, 0)
         norms_a = sq_norms[i0 : i0 + len(xa)] = np.einsum("nd,nd->n", xa, xa)
         for j0 in range(i0, n, rows):
-            xb = xa if j0 == i0 else buf_b[: min(rows, n - j0)]
-            if j0 != i0:
-                xb[:] = x[j0 : j0 + len(xb)]
+            xb = xa if j0 == i0 else fp32_rows(j0, 1)
             norms_b = norms_a if j0 == i0 else np.einsum("nd,nd->n", xb, xb)
             dist = block[: len(xa) * len(xb)].reshape(len(xa), len(xb))  # C-ordered [a,b]
             np.add(norms_a[:, None], norms_b[None, :], out=dist)

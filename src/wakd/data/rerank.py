@@ -40,13 +40,21 @@ from wakd.knn import KnnGraph, gpu_available, knn_graph, pair_sq_distances
 __all__ = ["k_reciprocal_distances", "reranking_graph"]
 
 
+def _any_last_axis(equal: np.ndarray) -> np.ndarray:
+    """``equal.any(-1)`` from the positions of its True entries: numpy's ``any`` over a
+    last axis of ~20 was a third of the k-reciprocal sets' time on the demo city."""
+    out = np.zeros(equal.shape[:-1], dtype=bool)
+    out.reshape(-1)[np.flatnonzero(equal) // equal.shape[-1]] = True
+    return out
+
+
 def _reciprocal_mask(nn: np.ndarray, rows: np.ndarray, k: int, chunk: int = 8192) -> np.ndarray:
     """[len(rows), k + 1] bool: is ``rows[r]`` among the k + 1 nearest of its neighbour nn[rows[r], a]?"""
     out = np.empty((len(rows), k + 1), dtype=bool)
     for r0 in range(0, len(rows), chunk):
         r = rows[r0 : r0 + chunk]
         back = nn[nn[r, : k + 1], : k + 1]  # [R, k+1, k+1]
-        out[r0 : r0 + chunk] = (back == r[:, None, None]).any(-1)
+        out[r0 : r0 + chunk] = _any_last_axis(back == r[:, None, None])
     return out
 
 
@@ -72,7 +80,7 @@ def _k_reciprocal_weights(
         cand_half = nn[fwd, : half + 1]  # [R, k1+1, half+1]
         cand_recip = _reciprocal_mask(nn, fwd.reshape(-1), half).reshape(*fwd.shape, half + 1)
         cand_set = np.where(cand_recip, cand_half, -1)
-        inside = (cand_set[..., None] == own[:, None, None, :]).any(-1) & cand_recip  # [R, k1+1, half+1]
+        inside = _any_last_axis(cand_set[..., None] == own[:, None, None, :]) & cand_recip  # [R, k1+1, half+1]
         accept = recip & (inside.sum(-1) > 2.0 / 3.0 * cand_recip.sum(-1))  # [R, k1+1]
         extra = np.where(accept[..., None], cand_set, -1).reshape(len(r), -1)
         members = np.sort(np.concatenate([own, extra], axis=1), axis=1)
