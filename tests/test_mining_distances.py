@@ -135,3 +135,24 @@ def test_mined_tuples_are_those_of_exact_distances(rerank: bool) -> None:
         negatives = np.setdiff1d(np.arange(76), miner.non_negatives[t.query])
         want = negatives[np.argsort(exact[t.query, negatives], kind="stable")[:4]]
         np.testing.assert_array_equal(t.negatives, want)
+
+
+def test_knn_graph_gpu_branch_agrees_with_the_cpu_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU branch (two searches, pair distances by the fp32 GEMM), its tiles searched by
+    faiss on the CPU: the same graph as the CPU pass, pair distances within the bound."""
+    import faiss
+
+    import wakd.knn as knn
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(90, 24)).astype(np.float16)
+    a, b = rng.integers(0, 30, 400), rng.integers(30, 90, 400)
+    cpu = knn_graph(x, 5, pairs=(a, b), use_gpu=False)
+    monkeypatch.setattr(knn, "_resolve_gpu", lambda use_gpu: bool(use_gpu))
+    monkeypatch.setattr(knn, "_tile_search", lambda use_gpu, metric: lambda xq, xb, k: faiss.knn(xq, xb, k, metric=metric))
+    gpu = knn_graph(x, 5, pairs=(a, b), use_gpu=True, q_chunk=16, db_chunk=32)
+    np.testing.assert_array_equal(gpu.indices, cpu.indices)
+    np.testing.assert_allclose(gpu.distances, cpu.distances, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gpu.row_max, cpu.row_max, rtol=1e-5)
+    sq = np.einsum("nd,nd->n", x.astype(np.float64), x.astype(np.float64))
+    assert np.abs(gpu.pair_distances - _exact(x[a], x[b])).max() <= formula_error_bound(24, 2 * sq.max())
