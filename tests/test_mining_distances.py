@@ -103,11 +103,15 @@ def _line_split() -> PlaceSplit:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("copy_bytes", [1 << 30, 0], ids=["fp32-copy", "as-stored"])
 @pytest.mark.parametrize("rerank", [False, True])
-def test_mined_tuples_are_those_of_exact_distances(rerank: bool) -> None:
+def test_mined_tuples_are_those_of_exact_distances(
+    rerank: bool, copy_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Database images that differ by a tiny fp16 value (distances to a query differ by
     less than the fp32 formula's error), many exact duplicates: the hard positive, the pools
-    and the hardest negatives are those of float64 distances, ties to the lower index."""
+    and the hardest negatives are those of float64 distances, ties to the lower index, with
+    the round's descriptors copied to fp32 or kept as stored (fp16, as for large sets)."""
     split = _line_split()
     rng = np.random.default_rng(0)
     dim = 32
@@ -117,6 +121,7 @@ def test_mined_tuples_are_those_of_exact_distances(rerank: bool) -> None:
     # The first coordinate a few steps of 2^-20 (exact in fp16): distances ~1e-6 apart.
     db_desc[:, 0] = np.arange(76) % 5 * 2.0**-20
     db_desc = db_desc.astype(np.float16)
+    monkeypatch.setattr("wakd.data.mining.FP32_COPY_BYTES", copy_bytes)  # large sets stay fp16
     miner = TupleMiner(split, pos_num=3, neg_num=4, pos_pool=5, neg_pool=100, rerank_k1=4)
     tuples = miner.mine(np.arange(6), q_desc, db_desc, np.random.default_rng(0), rerank=rerank)
 

@@ -14,6 +14,7 @@ positive is always the nearest by the original distance, as in the reference.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,14 @@ from wakd.knn import (
 )
 
 POSITIVE_SELECTIONS = ("top", "gain")
+# A round's descriptors are copied to fp32 when the copy takes at most this (the demo
+# city's 2,648 x 4,096: 43 MB; Pitts30k-train's 17k x 32k-d would take 2.3 GB).
+FP32_COPY_BYTES = 512 << 20
+
+
+def _fp32_chunks(x: np.ndarray, rows: int = 4096) -> Iterator[np.ndarray]:
+    for r in range(0, len(x), rows):
+        yield x[r : r + rows].astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,10 @@ class TupleMiner:
         # gathered and differenced per query and candidate took most of the round,
         # bench/p6_mining_round.py); the few pairs whose order its rounding leaves in
         # doubt are re-scored exactly, so the tuples are those of exact distances.
-        # [M + N, D]: database rows follow the queries; fp32 (exact for fp16) converted once.
-        x = np.concatenate([q_desc, db_desc], dtype=np.float32)
+        # [M + N, D]: database rows follow the queries. Converted to fp32 (exact for fp16)
+        # once where that copy is small; larger sets stay as stored, converted chunk by chunk.
+        total = (len(q_desc) + len(db_desc)) * q_desc.shape[1] * 4
+        x = np.concatenate([q_desc, db_desc], dtype=np.float32 if total <= FP32_COPY_BYTES else None)
         lists = [*pos_candidates, *neg_candidates]  # list i belongs to query i mod len(query_ids)
         lengths = np.array([len(c) for c in lists])
         rows = np.repeat(np.tile(np.arange(len(query_ids)), 2), lengths)  # into query_ids
@@ -142,7 +153,7 @@ class TupleMiner:
             approx = graph.pair_distances
         else:
             approx = cross_pair_sq_distances(x[query_ids], x[len(q_desc) :], rows, cols)
-        sq_norms = np.einsum("nd,nd->n", x, x)
+        sq_norms = np.concatenate([np.einsum("nd,nd->n", c, c) for c in _fp32_chunks(x)])
         bound = formula_error_bound(x.shape[1], sq_norms[query_ids].max() + sq_norms[len(q_desc) :].max())
 
         def exact(positions: np.ndarray) -> np.ndarray:
