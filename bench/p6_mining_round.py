@@ -90,7 +90,7 @@ class Round:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3, help="timed repetitions after a warm-up")
+    ap.add_argument("--rounds", type=int, default=5, help="timed repetitions after a warm-up (a round varies by 0.3 s here)")
     ap.add_argument("--root", type=Path, help="a demo city's .mat folder (default: the project's, or a new one)")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/results.*")
     ap.add_argument("--no-retain", dest="retain", action="store_false",
