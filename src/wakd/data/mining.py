@@ -138,8 +138,8 @@ class TupleMiner:
         # gathered and differenced per query and candidate took most of the round,
         # bench/p6_mining_round.py); the few pairs whose order its rounding leaves in
         # doubt are re-scored exactly, so the tuples are those of exact distances.
-        # [M + N, D]: database rows follow the queries. Converted to fp32 (exact for fp16)
-        # once where that copy is small; larger sets stay as stored, converted chunk by chunk.
+        # x [M + N, D]: database rows follow the queries, converted to fp32 (exact for
+        # fp16) once where that copy is small; larger sets stay as stored.
         total = (len(q_desc) + len(db_desc)) * q_desc.shape[1] * 4
         x = np.concatenate([q_desc, db_desc], dtype=np.float32 if total <= FP32_COPY_BYTES else None)
         lists = [*pos_candidates, *neg_candidates]  # list i belongs to query i mod len(query_ids)

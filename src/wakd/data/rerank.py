@@ -124,7 +124,13 @@ def reranking_graph(
     has GPU support, on the CPU otherwise.
     """
     use_gpu = torch.device(device).type == "cuda" and gpu_available()
-    return knn_graph(features, min(max(k1 + 1, k2), len(features)), use_gpu=use_gpu, pairs=pairs)
+    return knn_graph(features, _graph_size(k1, k2, len(features)), use_gpu=use_gpu, pairs=pairs)
+
+
+def _graph_size(k1: int, k2: int, n: int) -> int:
+    """Neighbours per row the re-ranking needs: N(i, k1) is the k1 + 1 nearest, and the
+    query expansion averages over the k2 nearest."""
+    return min(max(k1 + 1, k2), n)
 
 
 def k_reciprocal_distances(
@@ -160,7 +166,7 @@ def k_reciprocal_distances(
     n = x.shape[0]
     if len(a) == 0:
         return np.empty(0, np.float32), np.empty(0, np.float32)
-    k = min(max(k1 + 1, k2), n)
+    k = _graph_size(k1, k2, n)
     if graph is None:
         graph = reranking_graph(x, k1=k1, k2=k2, device=device)
     elif graph.indices.shape != (n, k):
