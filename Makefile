@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m wakd.demo
+	$(PY) -m wakd.synth.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

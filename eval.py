@@ -9,6 +9,9 @@ import hydra
 from omegaconf import DictConfig
 
 from wakd.cli import run_job
+from wakd.resolvers import register_resolvers
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

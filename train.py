@@ -10,15 +10,16 @@ from omegaconf import DictConfig
 
 from wakd.cli import run_job
 from wakd.pretrained import check_start_files
+from wakd.resolvers import register_resolvers
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_job(check_start_files, cfg)  # before torch is imported: a missing file fails in seconds
-    from wakd.jobs import pretrain, train
-
-    job = pretrain.run if cfg.stage == "pretrain_places" else train.run
-    metrics = run_job(job, cfg)
+    # The job the config names: wakd.jobs.train.run, or experiment=pretrain_places's.
+    metrics = run_job(hydra.utils.get_method(cfg.job), cfg)
     return metrics.get("val/R@5")
 
 

@@ -19,9 +19,9 @@ import torchvision
 from PIL import Image
 
 from wakd.data.netvlad_mat import load_dbstruct
-from wakd.data.synthcity import generate_city
 from wakd.models.normalization import InputNormalization
-from wakd.models.rawpixels import RawPixels
+from wakd.synth.rawpixels import RawPixels
+from wakd.synth.synthcity import generate_city
 
 
 def load_images(folder: Path, fns: list[str]) -> torch.Tensor:

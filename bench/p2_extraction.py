@@ -56,7 +56,7 @@ def demo_jpegs(workdir: Path) -> list[Path]:
     root = DEMO_IMAGES
     if not root.is_dir():
         subprocess.run(
-            [sys.executable, "-m", "wakd.data.synthcity", "--out", str(workdir), "--preset", "demo",
+            [sys.executable, "-m", "wakd.synth.synthcity", "--out", str(workdir), "--preset", "demo",
              "--quiet"],
             check=True,
         )  # fmt: skip

@@ -14,7 +14,7 @@ Two rounds are timed: generation 0 (no re-ranking) and a later generation (posit
 re-ranked by the k-reciprocal distance over all training images, SFRS's rule from
 generation 1 on: most rounds of a fit); the headline is the later one. Describing alone
 and both rounds run interleaved in one process; medians. Goal <= 1.2. The process keeps
-freed memory for reuse as training does (``train.retain_freed_memory``; ``--no-retain``:
+freed memory for reuse as training does (``retain_freed_memory``; ``--no-retain``:
 glibc's defaults).
 Writes p6_* keys into bench/results.json and the <!-- p6 --> section of RESULTS.md.
 """
@@ -37,7 +37,7 @@ from wakd.allocator import retain_freed_memory
 from wakd.data.datamodule import split_images
 from wakd.data.datasets import PlaceSplit, load_split
 from wakd.data.images import build_transform
-from wakd.data.mining import TupleMiner
+from wakd.data.tuple_miner import TupleMiner
 from wakd.describe import extract_descriptors, split_descriptors
 from wakd.models import PlaceNet, build_place_net
 
@@ -55,13 +55,13 @@ def demo_root(workdir: Path) -> Path:
     """The demo city's .mat folder (generated into ``workdir`` if the project has none)."""
     if (DEMO_ROOT / "synthcity_train.mat").is_file():
         return DEMO_ROOT
-    subprocess.run([sys.executable, "-m", "wakd.data.synthcity", "--out", str(workdir), "--preset", "demo",
+    subprocess.run([sys.executable, "-m", "wakd.synth.synthcity", "--out", str(workdir), "--preset", "demo",
                     "--seed", "0", "--quiet"], check=True)  # fmt: skip
     return workdir / "synthcity" / "raw"
 
 
 def build_demo_student() -> PlaceNet:
-    """The demo's student (src/wakd/demo.py STUDENT), random weights, k-means NetVLAD."""
+    """The demo's student (src/wakd/synth/demo.py STUDENT), random weights, k-means NetVLAD."""
     net = build_place_net("mobilenetv3_large", cut="stride16", proj_dim=128, num_clusters=32, bn_momentum=0.1)
     return init_netvlad(net, torch.rand(9, 3, *IMAGE_SIZE))
 
@@ -94,11 +94,11 @@ def main() -> None:
     ap.add_argument("--root", type=Path, help="a demo city's .mat folder (default: the project's, or a new one)")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/results.*")
     ap.add_argument("--no-retain", dest="retain", action="store_false",
-                    help="the C library's allocator defaults (train.retain_freed_memory=false)")
+                    help="the C library's allocator defaults (retain_freed_memory=false)")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    retained = retain_freed_memory() if args.retain else False  # as train.py does (train.retain_freed_memory)
+    retained = retain_freed_memory() if args.retain else False  # as train.py does (retain_freed_memory)
     with tempfile.TemporaryDirectory(prefix="wakd-p6-") as tmp:
         root = args.root or demo_root(Path(tmp))
         split = load_split("synthcity", root, "train")
@@ -151,7 +151,7 @@ images, {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}); the demo's student (MobileNetV3-L at s
 image, then `TupleMiner.mine` {QUERIES:,} queries (`tuples.yaml`: 1,000 negative
 candidates + last round's hardest per query, pools of 20 positives, re-ranking k1 = 20,
 k2 = 1, lambda = 0.1). Median of {args.rounds} after a warm-up. Freed memory kept in the
-process as in training (`train.retain_freed_memory`): {"yes" if retained else "no"}.
+process as in training (`retain_freed_memory`): {"yes" if retained else "no"}.
 
 | run | median s | / describe | s per repetition |
 |---|---:|---:|---|

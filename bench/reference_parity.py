@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wakd.data.datasets import PlaceSplit
-from wakd.data.mining import MinedTuple, TupleMiner
+from wakd.data.tuple_miner import MinedTuple, TupleMiner
 from wakd.eval.recall import dedup_by_group, recall_at_n
 from wakd.knn import knn_search
 from wakd.losses import (
@@ -703,13 +703,10 @@ def wakd_step(inputs: dict[str, np.ndarray], vlad: NetVLAD, prev: NetVLAD, t_con
         module = PlaceModule(
             feature_place_net(vlad),
             optimizer=torch.optim.SGD,
-            hard_loss_name="sare_ind",
-            tau=TAUS[0],
-            soft_weight=SOFT_WEIGHT,
-            tau_per_generation=TAUS,
-            generations=len(TAUS),
+            loss={"hard": "sare_ind", "tau": TAUS[0], "soft_weight": SOFT_WEIGHT, "tau_per_generation": TAUS},
+            schedule={"generations": len(TAUS)},
             teacher=feature_place_net(t_vlad, t_conv),
-            distill_weight=DISTILL_WEIGHT,
+            distill={"weight": DISTILL_WEIGHT},
             pos_num=P,
         )
         module.generation = gen
@@ -897,7 +894,7 @@ Every matched figure is within 1e-5 relative (float32 rounding; the triplet's 1.
 
 - **Baseline temperature.** OpenIBL's baseline SARE is softmax(-|a - x|^2), wakd's
   softmax(<a, x> / tau): for unit descriptors these are equal at tau = 0.5, values and
-  gradients (the `baseline_*` rows), so `experiment=baseline` sets `loss.tau: 0.5`; the
+  gradients (the `baseline_*` rows), so `experiment=baseline` sets `module.loss.tau: 0.5`; the
   SFRS/WAKD trainer's 0.07 applies to WAKD runs.
 - **Two tuples per batch** (`kd_b2`): the reference's distillation Grams span every image
   of a GPU batch (18 x 18 for two tuples), wakd's one tuple each (9 x 9, averaged). The

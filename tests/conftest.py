@@ -11,6 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from wakd.resolvers import register_resolvers
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,7 +26,7 @@ TINY_TRAIN = [
     "dataset.generate.preset=tiny",
     "model=resnet18", "model.weights=null",
     "model.net.num_clusters=8",
-    "train.generations=1",
+    "module.schedule.generations=1",
     "datamodule.neg_pool=40",
     "datamodule.num_workers=0",
     "datamodule.eval_batch_size=32",
@@ -43,10 +45,10 @@ PRETRAIN = [
     "dataset.image_size=[64,86]",
     "dataset.generate.preset=tiny",
     "model=resnet18", "model.weights=null",
-    "pretrain.steps=300",
-    "pretrain.steps_per_epoch=300",
-    "pretrain.batch_size=16",
-    "pretrain.num_workers=0",
+    "trainer.max_steps=300",
+    "trainer.limit_train_batches=300",
+    "datamodule.batch_size=16",
+    "datamodule.num_workers=0",
     "callbacks.progress_bar=null",
     "trainer.log_every_n_steps=1",
     "trainer.enable_model_summary=false",
@@ -64,7 +66,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from wakd.data.synthcity import generate_city
+    from wakd.synth.synthcity import generate_city
 
     data_dir = tmp_path_factory.mktemp("data")
     generate_city(data_dir, preset="tiny", seed=0, progress=False)
@@ -73,6 +75,7 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compose_cfg(name: str, overrides: list[str], data_dir: Path, run_dir: Path) -> DictConfig:
     """Compose configs/<name>.yaml as the entry script would, writing into ``run_dir``."""
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(
             config_name=name,
@@ -91,7 +94,7 @@ def compose_cfg(name: str, overrides: list[str], data_dir: Path, run_dir: Path) 
 def pretrained(request: pytest.FixtureRequest, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One 300-step pretraining per seed, shared by the tests of pretraining and of the
     tuple stage that starts from it: (seed, cfg, metrics, run dir)."""
-    from wakd.jobs import pretrain
+    from wakd.synth import pretrain_job as pretrain
 
     seed = request.param
     run_dir = tmp_path_factory.mktemp(f"pretrain{seed}") / "run"

@@ -14,11 +14,15 @@ from conftest import CONFIGS, REPO
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import wakd.jobs.common  # noqa: F401  (registers the centroid_file resolver)
+from wakd.jobs import train
+from wakd.resolvers import register_resolvers
+from wakd.synth import pretrain_job
+
+register_resolvers()
 
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
 # Options that only work with another group's option (as their experiment pairs them):
-# module=place cuts tuples by datamodule.pos_num, which the rendered views do not have.
+# the rendered views are built by the pretraining job, for module=pretrain.
 COMPANIONS = {("datamodule", "rendered"): ["module=pretrain"], ("dataset", "folder"): ["dataset.root=/data/x"]}
 
 
@@ -58,16 +62,16 @@ def _instantiate(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     for key in ("model", "teacher"):
         if key in keys and cfg.get(key) is not None:
             made[key] = hydra.utils.instantiate(cfg[key].net)
+    pretraining = "module" in cfg and cfg.module._target_.endswith("PlacePretrainModule")
+    job = pretrain_job if pretraining else train
     if "datamodule" in keys:
-        made["datamodule"] = hydra.utils.instantiate(cfg.datamodule)
+        made["datamodule"] = job.build_datamodule(cfg)
     if "optimizer" in keys:
         made["optimizer"] = hydra.utils.instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
         scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
         made["scheduler"] = scheduler(made["optimizer"]) if scheduler is not None else None
     if "module" in keys:
-        build_module = hydra.utils.instantiate(cfg.module, _partial_=True)
-        runtime = {"num_classes": 3} if cfg.module._target_.endswith("PlacePretrainModule") else {"rounds_per_pass": 2}
-        made["module"] = build_module(**runtime)
+        made["module"] = train.build_module(cfg, **({"num_classes": 3} if pretraining else {"rounds_per_pass": 2}))
     if "trainer" in keys:
         made["trainer"] = hydra.utils.instantiate(cfg.trainer)
     for key in ("logger", "callbacks"):
@@ -100,18 +104,19 @@ def test_every_group_option_composes_and_instantiates(primary: str, tmp_path: Pa
 
 
 def test_modules_are_built_from_their_config(tmp_path: Path) -> None:
-    """The keys users set (loss.*, distill.*, train.*, pretrain.*, optimizer.lr) reach the
-    modules through configs/module, and the hyper-parameters Lightning saves are plain."""
+    """The keys users set (module.*, optimizer.*, scheduler.*, trainer.max_steps) reach the
+    modules, and the hyper-parameters Lightning saves are plain."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         place = _small(compose(config_name="train", overrides=[
-            "loss.hard=triplet", "distill.center=true", "train.generations=2", "optimizer.lr=0.5",
+            "module.loss.hard=triplet", "module.distill.center=true", "module.schedule.generations=2",
+            "optimizer.lr=0.5",
         ]), tmp_path)
         pretrain = _small(compose(config_name="train", overrides=[
-            "experiment=pretrain_places", "pretrain.objective=cosface", "pretrain.lr=0.25",
-            "pretrain.schedule=cosine", "pretrain.warmup_steps=2", "pretrain.steps=10",
+            "experiment=pretrain_places", "module.objective=cosface", "optimizer.lr=0.25",
+            "scheduler.decay=cosine", "scheduler.warmup_steps=2", "trainer.max_steps=10",
         ]), tmp_path)
     module = _instantiate(place, ALL)["module"]
-    assert module.hard_loss_name == "triplet" and module.distill_center and module.schedule.count == 2
+    assert module.loss.hard == "triplet" and module.distill.center and module.schedule.generations == 2
     assert module.configure_optimizers()["optimizer"].param_groups[0]["lr"] == 0.5
     assert all(isinstance(v, (str, int, float, bool, list, dict, type(None))) for v in module.hparams.values())
     made = _instantiate(pretrain, ALL)

@@ -23,7 +23,7 @@ from wakd.models.inference import (
     fold_batchnorm,
     optimize_for_inference,
 )
-from wakd.models.rawpixels import RawPixels
+from wakd.synth.rawpixels import RawPixels
 
 IMAGE_SIZE = (64, 86)
 
@@ -202,7 +202,7 @@ def test_cpu_extraction_leaves_the_forward_its_cores(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("optimize", [False, True])
 def test_extraction_gives_every_submodule_its_mode_back(optimize: bool) -> None:
-    """A training net with frozen BatchNorm (train.freeze_batchnorm) comes back from
+    """A training net with frozen BatchNorm (module.freeze_batchnorm) comes back from
     extraction (mining, validation) exactly so: net.train(True) would wake the BatchNorm."""
     net = small_nets()["mobilenetv3"].train()
     frozen = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -27,8 +27,8 @@ from wakd.losses import teacher_targets
 from wakd.models import Backbone, PlaceNet, build_place_net, kmeans_centroids, sample_local_features
 from wakd.models.normalization import INPUT_NORMS
 from wakd.modules.place_module import PlaceModule
-from wakd.modules.pretrain import PlacePretrainModule
 from wakd.modules.teacher_cache import build_teacher_cache
+from wakd.synth.pretrain_module import PlacePretrainModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

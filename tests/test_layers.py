@@ -1,14 +1,17 @@
 """The packages form layers: each imports only the layers below it, never a peer or one above.
 
     utilities   allocator, atomic, distributed, (no wakd imports)
-                knn, pretrained
+                knn, pretrained, resolvers
     storage     store, ann                     (descriptor store, search by config: on the utilities)
     foundations models, losses, data           (models know nothing of datasets, losses are
                                                 pure functions of tensors, data knows no network)
     describe    descriptor extraction          (networks over images)
     eval        retrieval, Recall@N, reports
     modules     LightningModules, mining, validation
-    entry       jobs, cli, export, demo        (may import anything)
+    entry       jobs, cli, export, synth       (may import anything; synth: the demo stack)
+
+No module outside wakd.synth imports it, at any depth: the paper's code reaches the demo
+stack only through config ``_target_``s (and the dataset's generator) the entry points resolve.
 """
 
 from __future__ import annotations
@@ -21,20 +24,20 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "wakd"
 
 LAYERS: list[set[str]] = [
-    {"allocator", "atomic", "distributed", "knn", "pretrained"},
+    {"allocator", "atomic", "distributed", "knn", "pretrained", "resolvers"},
     {"store", "ann"},
     {"models", "losses", "data"},
     {"describe"},
     {"eval"},
     {"modules"},
-    {"jobs", "cli", "export", "demo"},
+    {"jobs", "cli", "export", "synth"},
 ]
 LAYER_OF = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 ENTRY = len(LAYERS) - 1
 
 
 def _unit(module: str) -> str:
-    """'wakd.data.mining' -> 'data': the top-level package or module inside wakd."""
+    """'wakd.data.tuple_miner' -> 'data': the top-level package or module inside wakd."""
     return module.split(".")[1]
 
 
@@ -65,3 +68,17 @@ def test_imports_point_down_the_layers(path: Path) -> None:
         allowed = target == unit or LAYER_OF[target] < rank or rank == ENTRY
         assert allowed, f"{relative} (layer {sorted(LAYERS[rank])}) imports {module} (layer {sorted(LAYERS[LAYER_OF[target]])})"
 
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(SRC)))
+def test_paper_modules_never_import_the_demo_stack(path: Path) -> None:
+    relative = path.relative_to(SRC)
+    if relative.parts[0] == "synth":
+        return
+    demo = sorted(m for m in _wakd_imports(path) if _unit(m) == "synth")
+    assert not demo, f"{relative} imports {demo}: route it through a config _target_ instead"
+
+
+def test_the_demo_stack_check_sees_imports() -> None:
+    # The walk must find the demo stack's own imports of itself, or the check above proves nothing.
+    assert any(_unit(m) == "synth" for m in _wakd_imports(SRC / "synth" / "pretrain_module.py"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wakd.data.datasets import PlaceSplit
-from wakd.data.mining import TupleMiner
+from wakd.data.tuple_miner import TupleMiner
 from wakd.knn import (
     cross_pair_sq_distances,
     formula_error_bound,
@@ -121,7 +121,7 @@ def test_mined_tuples_are_those_of_exact_distances(
     # The first coordinate a few steps of 2^-20 (exact in fp16): distances ~1e-6 apart.
     db_desc[:, 0] = np.arange(76) % 5 * 2.0**-20
     db_desc = db_desc.astype(np.float16)
-    monkeypatch.setattr("wakd.data.mining.FP32_COPY_BYTES", copy_bytes)  # large sets stay fp16
+    monkeypatch.setattr("wakd.data.tuple_miner.FP32_COPY_BYTES", copy_bytes)  # large sets stay fp16
     miner = TupleMiner(split, pos_num=3, neg_num=4, pos_pool=5, neg_pool=100, rerank_k1=4)
     tuples = miner.mine(np.arange(6), q_desc, db_desc, np.random.default_rng(0), rerank=rerank)
 

@@ -1,4 +1,4 @@
-"""Mining rounds: which round TupleMining mines when, the round's tuples in checkpoints, and
+"""Mining rounds: which round TupleMining mines when, the rounds' state in checkpoints, and
 validation descriptors put back in image order."""
 
 from __future__ import annotations
@@ -12,16 +12,22 @@ import pytest
 import torch
 
 from wakd.data.datamodule import TupleDataModule
-from wakd.data.mining import MinedTuple
+from wakd.data.tuple_miner import MinedTuple
 from wakd.describe import in_image_order
-from wakd.modules.mining import TupleMining
+from wakd.modules.mining_rounds import TupleMining
 
 
 class _Served:
     """The part of TupleDataModule that TupleMining's scheduling looks at."""
 
-    def __init__(self, mined_round: int | None = None) -> None:
-        self.mined_round = mined_round
+    def __init__(self) -> None:
+        self.mined_round: int | None = None
+
+    def build_miner(self) -> SimpleNamespace:
+        return SimpleNamespace(last_negatives={})
+
+    def serve_round(self, round_index: int, tuples: list[MinedTuple]) -> None:
+        self.mined_round = round_index
 
 
 def _mining(monkeypatch: pytest.MonkeyPatch, next_round: int = 0) -> tuple[TupleMining, list[int]]:
@@ -29,12 +35,25 @@ def _mining(monkeypatch: pytest.MonkeyPatch, next_round: int = 0) -> tuple[Tuple
 
     def mine(self: TupleMining, trainer: SimpleNamespace, pl_module: object, round_index: int) -> None:
         mined.append(round_index)
-        trainer.datamodule.mined_round = round_index
+        self.mined = (round_index, [])
+        trainer.datamodule.serve_round(round_index, [])
 
     monkeypatch.setattr(TupleMining, "mine", mine)
     callback = TupleMining()
-    callback.load_state_dict({"next_round": next_round})
+    callback.next_round = next_round
     return callback, mined
+
+
+def _through_checkpoint(callback: TupleMining, epoch: int = 0) -> TupleMining:
+    """A fresh callback restored from what ``callback`` saves, read back with weights_only=True."""
+    checkpoint: dict = {"epoch": epoch}
+    callback.on_save_checkpoint(None, None, checkpoint)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    restored = TupleMining()
+    restored.on_load_checkpoint(None, None, torch.load(buffer, weights_only=True))
+    return restored
 
 
 def test_each_round_is_mined_once_before_it_is_trained(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,7 +64,7 @@ def test_each_round_is_mined_once_before_it_is_trained(monkeypatch: pytest.Monke
         trainer.current_epoch = epoch
         callback.on_train_epoch_end(trainer, None)
     assert mined == [0, 1, 2]  # nothing after the last round
-    assert callback.state_dict() == {"next_round": 3}
+    assert callback.next_round == 3
 
 
 @pytest.mark.parametrize(("served", "expected"), [(2, []), (1, [2])], ids=["tuples-in-checkpoint", "tuples-missing"])
@@ -55,8 +74,12 @@ def test_a_resumed_fit_mines_only_a_round_its_checkpoint_lacks(
     """A checkpoint written between rounds holds the next round's tuples; one written after
     the last round of a shorter run (resumed with more rounds) does not."""
     callback, mined = _mining(monkeypatch, next_round=2)
-    callback.on_fit_start(SimpleNamespace(datamodule=_Served(served), max_epochs=4, current_epoch=0), None)
+    callback.mined = (served, [])
+    restored = _through_checkpoint(callback)
+    datamodule = _Served()
+    restored.on_fit_start(SimpleNamespace(datamodule=datamodule, max_epochs=4, current_epoch=0), None)
     assert mined == expected
+    assert datamodule.mined_round == 2
 
 
 def test_a_checkpoint_without_the_round_counter_resumes_after_its_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,17 +95,16 @@ def test_served_round_survives_a_weights_only_checkpoint(tiny_data_dir: Path) ->
                                  image_size=(8, 8), pos_num=2, neg_num=3, num_workers=0)
     datamodule.setup()
     tuples = [MinedTuple(q, q + 1, np.array([5, 6, 7]), np.array([q + 1, q + 2])) for q in (3, 0, 9)]
-    datamodule.serve_round(4, tuples)
-    buffer = io.BytesIO()
-    torch.save(datamodule.state_dict(), buffer)
-    buffer.seek(0)
-    restored = TupleDataModule(datamodule.dataset_cfg, image_size=(8, 8), pos_num=2, neg_num=3, num_workers=0)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
-    restored.setup()
-    assert restored.mined_round == 4
-    for a, b in zip(restored.train_dataloader().dataset.tuples, tuples, strict=True):
+    callback = TupleMining()
+    callback.next_round, callback.mined = 4, (4, tuples)
+    callback.last_negatives = {3: np.array([5, 6, 7]), 9: np.array([1, 2, 8])}
+    restored = _through_checkpoint(callback)
+    restored.on_fit_start(SimpleNamespace(datamodule=datamodule), None)  # serves round 4: no mining
+    assert datamodule.mined_round == 4
+    for a, b in zip(datamodule.train_dataloader().dataset.tuples, tuples, strict=True):
         assert (a.query, a.hard_positive) == (b.query, b.hard_positive)
         assert a.negatives.tolist() == b.negatives.tolist() and a.positives.tolist() == b.positives.tolist()
+    assert {q: n.tolist() for q, n in restored.miner.last_negatives.items()} == {3: [5, 6, 7], 9: [1, 2, 8]}
 
 
 def test_validation_descriptors_in_image_order_each_once() -> None:

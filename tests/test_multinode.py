@@ -35,12 +35,12 @@ from test_ddp import SIZES, Describe, IndexImages, _free_port
 from torch.utils.data import SequentialSampler
 
 from wakd.data.datamodule import TupleDataModule
-from wakd.data.mining import MinedTuple
+from wakd.data.tuple_miner import MinedTuple
 from wakd.distributed import check_shared_run_dir
 from wakd.jobs import evaluate
 from wakd.jobs import train as train_job
 from wakd.jobs.common import ensure_dataset
-from wakd.modules import mining
+from wakd.modules import mining_rounds
 
 NODES = 2
 # Final weights of the 2-node run agree with the 1-process run's to float32 rounding: see
@@ -50,7 +50,7 @@ WEIGHT_ATOL = 1e-5
 # Frozen BatchNorm: the loss of a tuple then does not depend on the other tuples of its step,
 # so 2 ranks x 1 tuple and 1 process x 2 tuples compute the same gradient.
 TRAIN = [
-    *TINY_TRAIN, "teacher=none", "train.freeze_batchnorm=true", "train.first_passes=2",
+    *TINY_TRAIN, "teacher=none", "module.freeze_batchnorm=true", "module.schedule.first_passes=2",
     # One checkpoint per round (round0.ckpt, round1.ckpt), each with the next round's tuples.
     "callbacks.last_checkpoint.filename='round{epoch}'", "callbacks.last_checkpoint.save_top_k=-1",
     "+callbacks.last_checkpoint.auto_insert_metric_name=false",
@@ -163,21 +163,21 @@ def test_two_nodes_mine_the_tuples_of_one_process(runs: Path) -> None:
     """Round 1 is mined from the network trained for a round, by global rank 0, broadcast to
     node 1: its tuples and the miner's memory are those of the 1-process run."""
     for name in ("round0.ckpt", "round1.ckpt"):
-        single = _load(runs / "single" / "checkpoints" / name)["TupleDataModule"]
-        nodes = _load(runs / "nodes" / "checkpoints" / name)["TupleDataModule"]
+        single = _load(runs / "single" / "checkpoints" / name)["mining"]
+        nodes = _load(runs / "nodes" / "checkpoints" / name)["mining"]
         assert int(single["round"]["index"]) == int(nodes["round"]["index"]) == 1
         assert len(nodes["round"]["query"]) > 0
         for key in ("query", "hard_positive", "negatives", "positives"):
             assert torch.equal(single["round"][key], nodes["round"][key]), (name, key)
         for key in ("queries", "negatives"):
-            assert torch.equal(single["miner"][key], nodes["miner"][key]), (name, key)
+            assert torch.equal(single["negatives"][key], nodes["negatives"][key]), (name, key)
 
 
 def test_two_nodes_train_to_the_weights_of_one_process(runs: Path) -> None:
     """2 nodes x 1 tuple per step = 1 process x 2 tuples per step, up to float32 rounding.
 
     Equal in exact arithmetic because: every loss is a mean over the tuples of a step and DDP
-    averages the ranks' gradients; BatchNorm is frozen (``train.freeze_batchnorm=true``: in
+    averages the ranks' gradients; BatchNorm is frozen (``module.freeze_batchnorm=true``: in
     batch-statistics mode a tuple's output would depend on the other tuples of its rank, and
     SyncBatchNorm, which restores the 1-process statistics on GPUs, has no CPU kernel); rank r
     trains tuples r, r + 2, ... of each round, i.e. step k trains the tuples 2k, 2k + 1 of the
@@ -293,24 +293,27 @@ def test_a_tuple_draws_its_own_jitter_wherever_it_is_loaded(tiny_data_dir: Path)
 def test_only_global_rank_zero_mines(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank other than 0 never mines: it takes rank 0's tuples and miner memory; an error of
     rank 0's mining is raised on every rank instead of leaving them waiting."""
-    monkeypatch.setattr(mining, "extract_descriptors", lambda *args, **kwargs: None)
-    served, loaded = [], []
+    monkeypatch.setattr(mining_rounds, "extract_descriptors", lambda *args, **kwargs: None)
+    served = []
     datamodule = SimpleNamespace(
         train_images=lambda: None, eval_batch_size=2, num_workers=0,
-        miner=SimpleNamespace(mine=lambda *a, **k: pytest.fail("rank 1 mined"), load_state_dict=loaded.append),
         serve_round=lambda index, tuples: served.append((index, tuples)),
     )
     module = SimpleNamespace(mining_net=lambda round_index: None, device=torch.device("cpu"))
-    rank0 = ([MinedTuple(4, 1, np.array([2]), np.array([1]))], {"queries": torch.tensor([4])})
+    rank0 = ([MinedTuple(4, 1, np.array([2]), np.array([1]))], {4: np.array([2])})
+    callbacks = []
     for broadcast, expected in ((rank0, None), ("query 4 has only 0 negative candidates", "only 0 negative")):
         trainer = SimpleNamespace(datamodule=datamodule, is_global_zero=False,
                                   strategy=SimpleNamespace(broadcast=lambda obj, src, b=broadcast: b))
+        callback = mining_rounds.TupleMining()
+        callback.miner = SimpleNamespace(mine=lambda *a, **k: pytest.fail("rank 1 mined"), last_negatives={})
+        callbacks.append(callback)
         if expected is None:
-            mining.TupleMining().mine(trainer, module, 3)
+            callback.mine(trainer, module, 3)
         else:
             with pytest.raises(ValueError, match=expected):
-                mining.TupleMining().mine(trainer, module, 3)
-    assert served == [(3, rank0[0])] and loaded == [rank0[1]]
+                callback.mine(trainer, module, 3)
+    assert served == [(3, rank0[0])] and callbacks[0].miner.last_negatives == rank0[1]
 
 
 def _torchrun_env(monkeypatch: pytest.MonkeyPatch, world: int) -> None:
@@ -347,7 +350,7 @@ def test_several_processes_do_not_render_the_city_at_once(tmp_path: Path, monkey
     _torchrun_env(monkeypatch, 2)
     dataset = OmegaConf.create({"kind": "synthcity", "root": str(tmp_path / "data" / "synthcity" / "raw"),
                                 "generate": {"preset": "tiny", "seed": 0}})
-    with pytest.raises(ValueError, match=r"python -m wakd.data.synthcity --out .* --preset tiny --seed 0"):
+    with pytest.raises(ValueError, match=r"python -m wakd.synth.synthcity --out .* --preset tiny --seed 0"):
         ensure_dataset(dataset)
     assert not (tmp_path / "data").exists()
 

@@ -17,7 +17,7 @@ from conftest import REPO, TINY_TRAIN, compose_cfg
 from wakd.data.datamodule import TupleDataset
 from wakd.data.datasets import load_split
 from wakd.data.images import build_transform
-from wakd.data.mining import MinedTuple, TupleMiner
+from wakd.data.tuple_miner import MinedTuple, TupleMiner
 from wakd.jobs import train
 from wakd.losses import distill_loss, hard_loss, teacher_targets
 from wakd.models import build_place_net
@@ -173,12 +173,12 @@ def test_training_step_distils_over_the_reference_rows() -> None:
 def test_hard_loss_uses_the_hard_positive_not_a_soft_one(hard: str) -> None:
     torch.manual_seed(0)
     net = build_place_net("resnet18", num_clusters=4)
-    module = PlaceModule(net, optimizer=torch.optim.SGD, hard_loss_name=hard, pos_num=2).eval()
+    module = PlaceModule(net, optimizer=torch.optim.SGD, loss={"hard": hard}, pos_num=2).eval()
     images = torch.rand(1, 6, 3, 32, 48)  # anchor, positive, 2 negatives, 2 soft positives
     logged = _logged_step(module, images)
     with torch.no_grad():
         d = net.encode(images[0]).descriptor
-    kw = {"margin": module.margin} if hard == "triplet" else {"tau": module.tau}
+    kw = {"margin": module.loss.margin} if hard == "triplet" else {"tau": module.loss.tau}
     expected = hard_loss(hard, d[None, 0], d[None, 1], d[None, 2:4], **kw)
     torch.testing.assert_close(logged["train/loss_hard"], expected, rtol=1e-5, atol=1e-7)
 

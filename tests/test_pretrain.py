@@ -10,15 +10,16 @@ import pytest
 import torch
 from conftest import PRETRAIN, TINY_TRAIN, compose_cfg
 
-from wakd.data.rendered_datamodule import RenderedPlacesDataModule
 from wakd.eval.retrieval import evaluate_split
-from wakd.jobs import evaluate, pretrain, train
+from wakd.jobs import evaluate, train
 from wakd.jobs.common import build_net
-from wakd.losses import multi_positive_info_nce
-from wakd.models.embedding import PlaceEmbedding
 from wakd.models.place_net import build_place_net
-from wakd.modules.lr_schedules import warmup_then
-from wakd.modules.pretrain import PlacePretrainModule
+from wakd.synth import pretrain_job as pretrain
+from wakd.synth.embedding import PlaceEmbedding
+from wakd.synth.embedding_losses import multi_positive_info_nce
+from wakd.synth.lr_schedules import warmup_then
+from wakd.synth.pretrain_module import PlacePretrainModule
+from wakd.synth.rendered_datamodule import RenderedPlacesDataModule
 
 TINY_EVAL = ["dataset=synthcity", "dataset.image_size=[64,86]", "dataset.generate.preset=tiny", "num_workers=0"]
 
@@ -65,7 +66,7 @@ def test_trained_teacher_beats_untrained_network_on_test_split(pretrained, tiny_
     model = ["model=resnet18", "model.weights=null", "model.net.num_clusters=8", f"seed={seed}"]
     teacher_dir = tmp_path / "teacher"
     train.run(compose_cfg("train", [
-        *TINY_TRAIN, *model, "experiment=demo_netvlad", "teacher=none", "train.first_passes=1", "optimizer.lr=1e-4",
+        *TINY_TRAIN, *model, "experiment=demo_netvlad", "teacher=none", "module.schedule.first_passes=1", "optimizer.lr=1e-4",
         f"model.weights={pretrain_dir / 'checkpoints' / 'last.ckpt'}",
     ], tiny_data_dir, teacher_dir))
     recall = {}
@@ -79,7 +80,7 @@ def test_trained_teacher_beats_untrained_network_on_test_split(pretrained, tiny_
 
 def test_pretraining_checkpoint_loads_as_model_weights(tiny_data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    cfg = compose_cfg("train", [*PRETRAIN, "pretrain.steps=2", "pretrain.steps_per_epoch=2"], tiny_data_dir, run_dir)
+    cfg = compose_cfg("train", [*PRETRAIN, "trainer.max_steps=2", "trainer.limit_train_batches=2"], tiny_data_dir, run_dir)
     pretrain.run(cfg)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -119,7 +120,7 @@ def test_pretraining_with_teacher_adds_distillation_and_leaves_teacher_alone() -
     images, labels = torch.rand(4, 2, 3, 64, 86), torch.tensor([0, 1, 2, 3])
     adam = functools.partial(torch.optim.Adam, lr=1e-3)
     plain = PlacePretrainModule(student, adam, warmup_then, num_classes=4)
-    wakd = PlacePretrainModule(student, adam, warmup_then, num_classes=4, teacher=teacher, distill_weight=100.0)
+    wakd = PlacePretrainModule(student, adam, warmup_then, num_classes=4, teacher=teacher, distill={"weight": 100.0})
     wakd.load_state_dict(plain.state_dict())  # the same student and head
     wakd.log = plain.log = lambda *args, **kwargs: None  # no trainer attached
     plain.train(), wakd.train()

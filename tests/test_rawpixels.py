@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from wakd.models.normalization import IMAGENET_MEAN, IMAGENET_STD
-from wakd.models.rawpixels import RawPixels
+from wakd.synth.rawpixels import RawPixels
 
 
 def test_unit_norm_and_dimension():

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from wakd.data.datasets import PlaceSplit
-from wakd.data.mining import TupleMiner
+from wakd.data.tuple_miner import TupleMiner
 from wakd.eval.recall import dedup_by_group, recall_at_n
 from wakd.knn import knn_search
 from wakd.losses import (
@@ -135,7 +135,7 @@ def test_hard_losses_match_reference(fx: dict[str, np.ndarray], name: str, kind:
     baseline trainer (-squared L2 distances), reproduced by experiment=baseline's tau."""
     tau = TAUS[0]
     if kind == "baseline":
-        tau = OmegaConf.load(REPO / "configs" / "experiment" / "baseline.yaml").loss.tau
+        tau = OmegaConf.load(REPO / "configs" / "experiment" / "baseline.yaml").module.loss.tau
     fn = {"sare_ind": sare_ind_loss, "sare_joint": sare_joint_loss, "triplet": triplet_loss}[name]
     v = torch.from_numpy(fx["in_loss_desc"].copy()).requires_grad_(True)
     d = F.normalize(v, dim=-1)
@@ -219,12 +219,10 @@ def test_training_step_matches_reference(fx: dict[str, np.ndarray], gen: int) ->
     module = PlaceModule(
         _feature_net(netvlad(fx, "vlad_")),
         optimizer=torch.optim.SGD,
-        tau=TAUS[0],
-        soft_weight=SOFT_WEIGHT,
-        tau_per_generation=TAUS,
-        generations=len(TAUS),
+        loss={"tau": TAUS[0], "soft_weight": SOFT_WEIGHT, "tau_per_generation": TAUS},
+        schedule={"generations": len(TAUS)},
         teacher=_feature_net(netvlad(fx, "teacher_vlad_"), teacher_conv(fx)),
-        distill_weight=DISTILL_WEIGHT,
+        distill={"weight": DISTILL_WEIGHT},
         pos_num=P,
     )
     module.generation = gen

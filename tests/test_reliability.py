@@ -450,7 +450,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_mid_training_then_resume(tiny_data_dir: Path, tmp_path: Path) -> None:
-    three_rounds = [*TINY_TRAIN, "teacher=none", "train.first_passes=3", "datamodule.augment=false",
+    three_rounds = [*TINY_TRAIN, "teacher=none", "module.schedule.first_passes=3", "datamodule.augment=false",
                     "trainer.limit_train_batches=2"]
     logs = tmp_path / "logs"  # shared: the reference run leaves the centroids for the others
     train.run(compose_cfg("train", three_rounds, tiny_data_dir, tmp_path / "full"))

@@ -10,8 +10,8 @@ import torch
 from conftest import TINY_TRAIN, compose_cfg
 
 from wakd.data.datasets import PlaceSplit
-from wakd.data.mining import TupleMiner, select_positives
 from wakd.data.rerank import k_reciprocal_distances
+from wakd.data.tuple_miner import TupleMiner, select_positives
 from wakd.jobs import train
 from wakd.knn import knn_graph
 
@@ -187,6 +187,6 @@ def test_training_reranks_positives_from_generation_one(
         return mine(self, *args, rerank=rerank, **kwargs)
 
     monkeypatch.setattr(TupleMiner, "mine", spy)
-    overrides = [*TINY_TRAIN, "teacher=none", "train.generations=2", "train.passes=1", "trainer.limit_train_batches=1"]
+    overrides = [*TINY_TRAIN, "teacher=none", "module.schedule.generations=2", "module.schedule.passes=1", "trainer.limit_train_batches=1"]
     train.run(compose_cfg("train", overrides, tiny_data_dir, tmp_path / "run"))
     assert calls == [False, True]  # round 0 is generation 0, round 1 generation 1

@@ -32,10 +32,10 @@ def _net(conv: nn.Module | None = None) -> PlaceNet:
     return PlaceNet(backbone, NetVLAD(K, C))
 
 
-def _module(**kw) -> PlaceModule:
+def _module(**distill) -> PlaceModule:
     teacher = _net(nn.Conv2d(C, C, 3, padding=1))
-    return PlaceModule(_net(), optimizer=torch.optim.SGD, hard_loss_name="triplet", generations=1,
-                       teacher=teacher, pos_num=P, **kw)
+    return PlaceModule(_net(), optimizer=torch.optim.SGD, loss={"hard": "triplet"}, schedule={"generations": 1},
+                       distill=distill, teacher=teacher, pos_num=P)
 
 
 def _gram(x: Tensor) -> Tensor:  # centred, each row L2-normalised
@@ -66,7 +66,7 @@ def _step_distill(module: PlaceModule, images: Tensor) -> Tensor:
 
 @pytest.mark.parametrize("scope", ["tuple", "batch"])
 def test_distillation_gram_scope(scope: str) -> None:
-    module = _module(distill_center=True, distill_scope=scope)
+    module = _module(center=True, scope=scope)
     images = torch.rand(B, T, C, 6, 8)
     rows = reference_gram_rows(N, P)
     groups = [i * T + rows for i in range(B)] if scope == "tuple" else [torch.arange(B * T)]
@@ -77,8 +77,8 @@ def test_distillation_gram_scope(scope: str) -> None:
 
 def test_the_two_scopes_differ() -> None:
     images = torch.rand(B, T, C, 6, 8)
-    per_tuple = _step_distill(_module(distill_center=True, distill_scope="tuple"), images)
-    per_batch = _step_distill(_module(distill_center=True, distill_scope="batch"), images)
+    per_tuple = _step_distill(_module(center=True, scope="tuple"), images)
+    per_batch = _step_distill(_module(center=True, scope="batch"), images)
     assert abs(per_tuple.item() - per_batch.item()) > 1e-4
 
 
@@ -90,8 +90,8 @@ def test_mining_with_the_teacher() -> None:
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    ({"distill_scope": "image"}, "distill.scope='image'"),
-    ({"mine_with": "oracle"}, "distill.mine_with='oracle'"),
+    ({"scope": "image"}, "module.distill.scope='image'"),
+    ({"mine_with": "oracle"}, "module.distill.mine_with='oracle'"),
 ])
 def test_unknown_stage_options_are_named(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -100,4 +100,4 @@ def test_unknown_stage_options_are_named(kw: dict, message: str) -> None:
 
 def test_mining_with_the_teacher_needs_one() -> None:
     with pytest.raises(ValueError, match="with a teacher"):
-        PlaceModule(_net(), optimizer=torch.optim.SGD, generations=1, mine_with="teacher")
+        PlaceModule(_net(), optimizer=torch.optim.SGD, schedule={"generations": 1}, distill={"mine_with": "teacher"})

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wakd.data.netvlad_mat import load_dbstruct
-from wakd.data.synthcity import MANIFEST, City, RenderedPlaces, generate_city, main
+from wakd.synth.synthcity import MANIFEST, City, RenderedPlaces, generate_city, main
 
 SPLITS = ("train", "val", "test")
 

@@ -76,7 +76,7 @@ def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains(
     baseline_run: Path, tiny_data_dir: Path, tmp_path: Path
 ) -> None:
     weights = baseline_run / "checkpoints" / "last.ckpt"
-    overrides = [*TINY_TRAIN, "teacher=none", "train.freeze_batchnorm=true", f"model.weights={weights}"]
+    overrides = [*TINY_TRAIN, "teacher=none", "module.freeze_batchnorm=true", f"model.weights={weights}"]
     train.run(compose_cfg("train", overrides, tiny_data_dir, tmp_path / "run"))
     before, after = _state(weights), _state(tmp_path / "run" / "checkpoints" / "last.ckpt")
     statistics = [k for k in after if k.endswith(("running_mean", "running_var"))]
@@ -101,7 +101,7 @@ def test_missing_teacher_checkpoint_says_how_to_make_one(tiny_data_dir: Path, tm
 
 def test_resume_from_last_checkpoint(baseline_run: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
     """Two rounds in one go equal one round, then a resume for the second."""
-    two_rounds = [*TINY_TRAIN, "teacher=none", "train.first_passes=2", "datamodule.augment=false"]
+    two_rounds = [*TINY_TRAIN, "teacher=none", "module.schedule.first_passes=2", "datamodule.augment=false"]
     full = compose_cfg("train", two_rounds, tiny_data_dir, tmp_path / "full")
     train.run(full)
     first = compose_cfg("train", [*two_rounds[:-2], "datamodule.augment=false"], tiny_data_dir, tmp_path / "part")

@@ -27,10 +27,10 @@ def test_tuple_stage_improves_the_pretrained_network(pretrained, tiny_data_dir: 
     # The start: k-means NetVLAD on the pretrained backbone, through the same code path but
     # with nothing changing (rate 0, BatchNorm statistics kept).
     start = _stage(pretrain_dir, seed, tiny_data_dir, tmp_path / "start",
-                   ["optimizer.lr=0", "train.freeze_batchnorm=true", "trainer.limit_train_batches=1"])
+                   ["optimizer.lr=0", "module.freeze_batchnorm=true", "trainer.limit_train_batches=1"])
     # The demo's stage settings (configs/experiment/demo_netvlad.yaml), all 80 tiny queries a pass.
     after = _stage(pretrain_dir, seed, tiny_data_dir, tmp_path / "stage",
-                   ["train.first_passes=3", "trainer.limit_train_batches=1.0"])
+                   ["module.schedule.first_passes=3", "trainer.limit_train_batches=1.0"])
     # Measured on this fixture's checkpoints (2 cores shared with
     # other jobs: 16-25 s for the start, 191-204 s for the stage): mean R@1/5/10 went
     # 0.800 -> 0.820 (seed 0, R@1 0.50 -> 0.56) and 0.827 -> 0.847 (seed 1, R@1 0.56 -> 0.58).

@@ -19,7 +19,7 @@ NETS = {
                 "model.net.num_clusters=32", "model.net.bn_momentum=0.1"],
 }
 PRE = {"teacher": OUT / "pre-teacher/checkpoints/last.ckpt", "student": OUT / "pre-student/checkpoints/last.ckpt"}
-DISTILL = ["teacher=resnet18", "teacher.net.num_clusters=32", f"teacher.ckpt={OUT}/diag/teacher/demo/checkpoints/best.ckpt", "distill.center=true"]
+DISTILL = ["teacher=resnet18", "teacher.net.num_clusters=32", f"teacher.ckpt={OUT}/diag/teacher/demo/checkpoints/best.ckpt", "module.distill.center=true"]
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
         if "+distill" not in ov:
             extra.append("teacher=none")
         out = OUT / "diag" / which / name
-        overrides = [*NETS[which], *C, "experiment=demo_netvlad", "train.first_passes=1", f"model.weights={PRE[which]}",
+        overrides = [*NETS[which], *C, "experiment=demo_netvlad", "module.schedule.first_passes=1", f"model.weights={PRE[which]}",
                      *([] if "callbacks=default" in ov else ["callbacks=none"]), f"paths.output_dir={out}", *extra]
         with initialize_config_dir(config_dir="/work/wt15/configs", version_base="1.3"):
             cfg = compose("train", overrides=overrides)

@@ -12,8 +12,8 @@ from wakd.eval.extract import (
 )
 
 import wakd.jobs.common as common
-from wakd.data.synthcity import City
 from wakd.jobs.cluster import compute_centroids
+from wakd.synth.synthcity import City
 
 sys.path.insert(0, "/work/wt15/bench_out/i15")
 from diag import NETS, PRE, C

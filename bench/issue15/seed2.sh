@@ -4,8 +4,8 @@ A=/work/main/bench_out/accuracy
 D=/tmp/i15/s2; mkdir -p $D
 C="paths.data_dir=$A/data-seed2 paths.log_dir=$D/logs seed=2 dataset=synthcity"
 W=$A/seed2/pretrain-student-plain/checkpoints/last.ckpt
-DI="teacher=resnet18 teacher.net.num_clusters=32 teacher.ckpt=$A/seed2/teacher/checkpoints/best.ckpt distill.center=true distill.scope=batch distill.mine_with=teacher"
+DI="teacher=resnet18 teacher.net.num_clusters=32 teacher.ckpt=$A/seed2/teacher/checkpoints/best.ckpt module.distill.center=true module.distill.scope=batch module.distill.mine_with=teacher"
 run() { n=$1; shift; tr $n $S $NV model.weights=$W optimizer.lr=3e-4 "$@"; ev $n $S ckpt=$D/$n/checkpoints/best.ckpt; }
-run w3 $DI distill.weight=3
-run w30 $DI distill.weight=30
-run w10-plainmined $DI distill.weight=10 distill.mine_with=student
+run w3 $DI module.distill.weight=3
+run w30 $DI module.distill.weight=30
+run w10-plainmined $DI module.distill.weight=10 module.distill.mine_with=student

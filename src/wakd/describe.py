@@ -1,6 +1,6 @@
 """Descriptor extraction: images in, one global descriptor per image out.
 
-Used wherever a network describes many images: mining (``wakd.modules.mining``), the
+Used wherever a network describes many images: mining (``wakd.modules.mining_rounds``), the
 teacher cache, validation, evaluation and benchmarks. On the CPU a network describes
 through its optimised inference copy (BatchNorm folded, ONNX Runtime:
 ``wakd.models.inference``), from uint8 images converted to floats batched

@@ -3,10 +3,10 @@
 One Lightning epoch is one *mining round*: ``cache_size`` training queries. Before each
 round the current model re-describes all training queries and database images and the
 round's tuples are mined from those descriptors, as OpenIBL does every 1,000 queries:
-that step is :class:`wakd.modules.mining.TupleMining`, on the training side. This module
-holds what mining needs from the data (the splits, the ``TupleMiner`` and its memory,
-each round's queries) and serves the tuples it is handed (``serve_round``), reloaded every
-round (``reload_dataloaders_every_n_epochs=1``). Validation batches are the val split's
+that step is :class:`wakd.modules.mining_rounds.TupleMining`, on the training side, which
+also keeps the rounds' state. This module holds what mining needs from the data (the
+splits, the miner's settings, each round's queries) and serves the tuples it is handed
+(``serve_round``), reloaded every round (``reload_dataloaders_every_n_epochs=1``). Validation batches are the val split's
 queries then database images.
 """
 
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from wakd.data.datasets import PlaceSplit, load_split
 from wakd.data.images import ConcatImages, ImageListDataset, build_transform, extraction_loader
-from wakd.data.mining import MinedTuple, TupleMiner
+from wakd.data.tuple_miner import MinedTuple, TupleMiner
 
 
 class TupleDataset(Dataset):
@@ -108,6 +108,7 @@ class TupleDataModule(L.LightningDataModule):
         super().__init__()
         self.dataset_cfg = dict(dataset)
         self.image_size = tuple(image_size)
+        self.pos_num = pos_num
         self.miner_args = dict(
             pos_num=pos_num, neg_num=neg_num, pos_pool=pos_pool, neg_pool=neg_pool,
             rerank_k1=rerank_k1, rerank_k2=rerank_k2, rerank_lambda=rerank_lambda, rerank_select=rerank_select,
@@ -123,8 +124,7 @@ class TupleDataModule(L.LightningDataModule):
         self.eval_transform = build_transform(self.image_size, train=False)
         self.train_split: PlaceSplit | None = None
         self.val_split: PlaceSplit | None = None
-        self.miner: TupleMiner | None = None
-        self._miner_state: dict | None = None
+        self.train_queries: np.ndarray | None = None  # those with a positive within 10 m
         self._round: tuple[int, list[MinedTuple]] | None = None  # (round index, its mined tuples)
 
     def _load(self, split: str) -> PlaceSplit:
@@ -138,21 +138,23 @@ class TupleDataModule(L.LightningDataModule):
         if self.train_split is None:
             self.train_split = self._load("train")
             self.val_split = self._load("val")
-            self.miner = TupleMiner(self.train_split, **self.miner_args)
-            if self._miner_state is not None:
-                self.miner.load_state_dict(self._miner_state)
+            self.train_queries = self.train_split.queries_with_train_positive()
+
+    def build_miner(self) -> TupleMiner:
+        """The tuple miner of the training split, with this datamodule's settings."""
+        assert self.train_split is not None, "call setup() first"
+        return TupleMiner(self.train_split, **self.miner_args)
 
     @property
     def rounds_per_pass(self) -> int:
         """Mining rounds per pass over the training queries."""
-        assert self.miner is not None, "call setup() first"
-        return math.ceil(len(self.miner.queries) / self.cache_size)
+        assert self.train_queries is not None, "call setup() first"
+        return math.ceil(len(self.train_queries) / self.cache_size)
 
     def round_queries(self, round_index: int) -> np.ndarray:
         """The queries of one mining round: a seeded shuffle per pass, cut in cache_size pieces."""
-        assert self.miner is not None
         pass_index, within = divmod(round_index, self.rounds_per_pass)
-        order = np.random.default_rng([self.seed, pass_index]).permutation(self.miner.queries)
+        order = np.random.default_rng([self.seed, pass_index]).permutation(self.train_queries)
         return order[within * self.cache_size : (within + 1) * self.cache_size]
 
     @property
@@ -208,22 +210,6 @@ class TupleDataModule(L.LightningDataModule):
     def val_images(self) -> Dataset:
         assert self.val_split is not None
         return split_images(self.val_split, self.eval_transform, self.skip_corrupt)
-
-    def state_dict(self) -> dict:
-        """The miner's memory and the round being served: a checkpoint written between rounds
-        holds the next round's tuples, so a resumed run trains on them without mining again."""
-        state: dict[str, Any] = {"miner": self.miner.state_dict()} if self.miner is not None else {}
-        if self._round is not None:
-            round_index, tuples = self._round
-            state["round"] = {"index": round_index, **tuples_to_tensors(tuples)}
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self._miner_state = state.get("miner")
-        if self.miner is not None and self._miner_state is not None:
-            self.miner.load_state_dict(self._miner_state)
-        if "round" in state:
-            self._round = (int(state["round"]["index"]), tuples_from_tensors(state["round"]))
 
 
 def tuples_to_tensors(tuples: Sequence[MinedTuple]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # default: whoever named a root wants that data, not another dataset.
 NO_DATA_HINT = (
     "no data? try dataset=synthcity "
-    "(python -m wakd.data.synthcity --out datasets/data --preset demo)"
+    "(python -m wakd.synth.synthcity --out datasets/data --preset demo)"
 )
 EXPECTED_TREES = {
     "pitts": "<root>/pitts{30k,250k}_{train,val,test}.mat\n"

@@ -23,16 +23,12 @@ from wakd.eval.plots import pick_examples, plot_attention, plot_recall_curve, pl
 from wakd.eval.report import recall_table, write_predictions, write_results
 from wakd.eval.retrieval import Retrieval, evaluate_split
 from wakd.jobs.cluster import init_netvlad
-from wakd.jobs.common import (
-    build_net,
-    file_digest,
-    load_dataset_split,
-    model_config_for,
-)
+from wakd.jobs.common import build_net, load_dataset_split, model_config_for
 from wakd.losses import attention_map
 from wakd.models.inference import OnnxDescriptorNet
 from wakd.models.pca import PCAWhitening
 from wakd.models.place_net import PlaceNet
+from wakd.resolvers import file_digest
 
 
 def _transform(cfg: DictConfig):

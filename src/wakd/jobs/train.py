@@ -14,12 +14,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from wakd.allocator import retain_freed_memory
+from wakd.data.datamodule import TupleDataModule
 from wakd.distributed import check_shared_run_dir, external_launcher
 from wakd.jobs.cluster import compute_centroids, init_netvlad
-from wakd.jobs.common import build_net, ensure_dataset, file_digest
+from wakd.jobs.common import build_net, ensure_dataset
 from wakd.models.place_net import PlaceNet
 from wakd.modules.place_module import PlaceModule
 from wakd.pretrained import check_start_files
+from wakd.resolvers import file_digest
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -87,9 +89,27 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
 
+def build_datamodule(cfg: DictConfig) -> TupleDataModule:
+    """configs/datamodule/tuples.yaml over the dataset's splits."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    return hydra.utils.instantiate(cfg.datamodule, dataset=dataset, image_size=dataset["image_size"], seed=cfg.seed)
+
+
+def build_module(cfg: DictConfig, **runtime: Any) -> L.LightningModule:
+    """configs/module/<option> with the network ``model.*`` builds, the optimizer and
+    scheduler factories, and what only the run knows (``runtime``)."""
+    scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return hydra.utils.instantiate(cfg.module, _partial_=True)(
+        net=hydra.utils.instantiate(cfg.model.net),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=scheduler,
+        **runtime,
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     check_launch(cfg)
-    if cfg.train.get("retain_freed_memory", True):
+    if cfg.retain_freed_memory:
         retain_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -97,14 +117,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_start_files(cfg)
     ensure_dataset(cfg.dataset)
 
-    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
-    # configs/module/place.yaml, the student built from model.*; the rest only this run knows.
-    build_module = hydra.utils.instantiate(cfg.module, _partial_=True)
     teacher, teacher_info = build_teacher(cfg)
     module: PlaceModule = build_module(
+        cfg,
         teacher=teacher,
         teacher_info=teacher_info,
+        teacher_cache=bool(cfg.teacher and cfg.teacher.cache),
+        pos_num=datamodule.pos_num,
         rounds_per_pass=datamodule.rounds_per_pass,
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
     )

@@ -1,5 +1,4 @@
-"""Losses as pure functions of tensors: hard (triplet / SARE), soft (SFRS), distillation,
-and the embedding losses of place pretraining (InfoNCE, CosFace)."""
+"""Losses as pure functions of tensors: hard (triplet / SARE), soft (SFRS), distillation."""
 
 from wakd.losses.distill import (
     attention_gram_loss,
@@ -10,7 +9,6 @@ from wakd.losses.distill import (
     teacher_targets,
     vlad_gram_loss,
 )
-from wakd.losses.embedding import cosface_logits, multi_positive_info_nce
 from wakd.losses.hard import (
     HARD_LOSSES,
     hard_loss,
@@ -26,12 +24,10 @@ __all__ = [
     "TAU_PER_GENERATION",
     "attention_gram_loss",
     "attention_map",
-    "cosface_logits",
     "distill_loss",
     "hard_loss",
     "hardest_regions",
     "intra_normalised_vlad",
-    "multi_positive_info_nce",
     "row_normalised_gram",
     "sare_ind_loss",
     "sare_joint_loss",

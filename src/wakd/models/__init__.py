@@ -1,5 +1,4 @@
-"""Models: backbones, NetVLAD, PCA whitening, the place network and its weights, and the
-GeM embedding and cosine classifier of place pretraining."""
+"""Models: backbones, NetVLAD, PCA whitening, the place network and its weights."""
 
 from wakd.models.backbones import BACKBONES, Backbone, build_backbone, imagenet_cache_file
 from wakd.models.checkpoints import load_place_net_weights, read_state_dict
@@ -8,7 +7,6 @@ from wakd.models.clustering import (
     sample_local_features,
     write_centroid_file,
 )
-from wakd.models.embedding import CosineClassifier, GeM, PlaceEmbedding
 from wakd.models.netvlad import NetVLAD
 from wakd.models.pca import PCAWhitening
 from wakd.models.place_net import PlaceNet, PlaceOutput, build_place_net
@@ -16,11 +14,8 @@ from wakd.models.place_net import PlaceNet, PlaceOutput, build_place_net
 __all__ = [
     "BACKBONES",
     "Backbone",
-    "CosineClassifier",
-    "GeM",
     "NetVLAD",
     "PCAWhitening",
-    "PlaceEmbedding",
     "PlaceNet",
     "PlaceOutput",
     "build_backbone",

@@ -37,16 +37,12 @@ import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from wakd.models.normalization import input_norm_state
-
-if TYPE_CHECKING:
-    from wakd.models.place_net import PlaceNet
 
 StateDict = dict[str, Tensor]
 
@@ -195,6 +191,6 @@ def read_netvlad_state(path: str | os.PathLike) -> StateDict | None:
     return pool if {"conv.weight", "centroids"} <= pool.keys() else None
 
 
-def load_place_net_weights(net: PlaceNet, path: str | os.PathLike) -> None:
-    """Load a wakd Lightning, OpenIBL/WAKD or plain PlaceNet checkpoint into ``net``."""
+def load_place_net_weights(net: nn.Module, path: str | os.PathLike) -> None:
+    """Load a wakd Lightning, OpenIBL/WAKD or plain PlaceNet checkpoint into ``net`` (a PlaceNet)."""
     load_checked(net, place_net_state(read_state_dict(path)), path)

@@ -9,7 +9,7 @@ student's checkpoint stores only the student (plus the teacher's path and hash).
 With ``teacher_cache=True`` the teacher's targets of all training images are computed
 once at fit start (:mod:`wakd.modules.teacher_cache`) and looked up by image id.
 
-A Lightning epoch is one mining round; :class:`wakd.modules.mining.TupleMining` mines it
+A Lightning epoch is one mining round; :class:`wakd.modules.mining_rounds.TupleMining` mines it
 (the module brings that callback along) and the datamodule serves its tuples. Validation
 runs in Lightning's loop (:class:`wakd.modules.validation.RecallValidation`), every
 ``trainer.check_val_every_n_epoch`` rounds. Built from ``configs/module/place.yaml``.
@@ -18,8 +18,7 @@ runs in Lightning's loop (:class:`wakd.modules.validation.RecallValidation`), ev
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -30,38 +29,16 @@ from torch import nn
 from wakd.losses import distill_loss, hard_loss, hardest_regions, sfrs_soft_loss, teacher_targets
 from wakd.models.modes import frozen
 from wakd.models.place_net import PlaceNet
-from wakd.modules.mining import TupleMining
+from wakd.modules.mining_rounds import TupleMining
+from wakd.modules.settings import (
+    DistillSettings,
+    GenerationSchedule,
+    LossSettings,
+    OptimizerFactory,
+    SchedulerFactory,
+)
 from wakd.modules.teacher_cache import TeacherCache, build_teacher_cache
 from wakd.modules.validation import RecallValidation
-
-# (parameters) -> optimizer and (optimizer) -> scheduler: configs/optimizer, configs/scheduler (_partial_)
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-
-
-@dataclass(frozen=True)
-class GenerationSchedule:
-    """SFRS generations in passes over the training queries; one round = cache_size queries."""
-
-    count: int = 4
-    first_passes: int = 1  # generation 0 runs only the last epoch of the baseline
-    passes: int = 5
-    rounds_per_pass: int = 1
-
-    def passes_of(self, generation: int) -> int:
-        return self.first_passes if generation == 0 else self.passes
-
-    @property
-    def total_rounds(self) -> int:
-        return sum(self.passes_of(g) for g in range(self.count)) * self.rounds_per_pass
-
-    def generation_of(self, round_index: int) -> int:
-        end = 0
-        for g in range(self.count):
-            end += self.passes_of(g) * self.rounds_per_pass
-            if round_index < end:
-                return g
-        return self.count - 1
 
 
 def reference_gram_rows(neg_num: int, pos_num: int, device: torch.device | None = None) -> torch.Tensor:
@@ -77,13 +54,11 @@ def reference_gram_rows(neg_num: int, pos_num: int, device: torch.device | None 
 class PlaceModule(RecallValidation, L.LightningModule):
     """NetVLAD training with the hard loss, SFRS generations and, with a ``teacher``, WAKD.
 
-    ``hard_loss_name``: one of ``wakd.losses.HARD_LOSSES`` (``triplet`` takes ``margin``,
-    SARE ``tau``, also the soft loss's temperature); ``soft_weight``, ``tau_per_generation``:
-    the SFRS soft loss; ``generations``, ``first_passes``, ``passes`` (in passes over the
-    training queries of ``rounds_per_pass`` rounds): :class:`GenerationSchedule`;
-    ``distill_*``: the distillation terms (:func:`wakd.losses.distill_loss`).
-    ``teacher_info`` (name, path, hash) and ``model_config`` (the architecture eval.py
-    rebuilds) go into every checkpoint.
+    ``loss``, ``distill``, ``schedule``: the fields of :class:`LossSettings`,
+    :class:`DistillSettings` and :class:`GenerationSchedule` (``generations``,
+    ``first_passes``, ``passes``, in passes over the training queries of ``rounds_per_pass``
+    rounds). ``teacher_info`` (name, path, hash) and ``model_config`` (the architecture
+    eval.py rebuilds) go into every checkpoint.
     """
 
     def __init__(
@@ -92,27 +67,16 @@ class PlaceModule(RecallValidation, L.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         *,
-        hard_loss_name: str = "sare_ind",
-        tau: float = 0.07,
-        margin: float = 0.1**0.5,
-        soft_weight: float = 0.5,
-        tau_per_generation: Sequence[float] = (0.07, 0.07, 0.06, 0.05),
-        generations: int = 4,
-        first_passes: int = 1,
-        passes: int = 5,
-        rounds_per_pass: int = 1,
+        loss: dict | None = None,
+        distill: dict | None = None,
+        schedule: dict | None = None,
+        freeze_batchnorm: bool = False,
+        eval_ns: Sequence[int] = (1, 5, 10),
         teacher: PlaceNet | None = None,
         teacher_info: dict | None = None,
-        distill_weight: float = 100.0,
-        distill_vlad: bool = True,
-        distill_attention: bool = True,
-        distill_center: bool = False,
-        distill_scope: str = "tuple",
-        mine_with: str = "student",
         teacher_cache: bool = False,
         pos_num: int = 3,
-        eval_ns: Sequence[int] = (1, 5, 10),
-        freeze_batchnorm: bool = False,
+        rounds_per_pass: int = 1,
         model_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -122,19 +86,11 @@ class PlaceModule(RecallValidation, L.LightningModule):
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.hard_loss_name, self.tau, self.margin = hard_loss_name, tau, margin
-        self.soft_weight = soft_weight
-        self.tau_per_generation = tuple(tau_per_generation)
-        self.schedule = GenerationSchedule(generations, first_passes, passes, rounds_per_pass)
-        self.distill_weight = distill_weight
-        self.distill_vlad, self.distill_attention = distill_vlad, distill_attention
-        self.distill_center = distill_center
-        if distill_scope not in ("tuple", "batch"):
-            raise ValueError(f"distill.scope={distill_scope!r}: choose 'tuple' (the reference's) or 'batch'")
-        self.distill_scope = distill_scope
-        if mine_with not in ("student", "teacher") or (mine_with == "teacher" and teacher is None):
-            raise ValueError(f"distill.mine_with={mine_with!r}: choose 'student', or 'teacher' with a teacher")
-        self.mine_with = mine_with
+        self.loss = LossSettings(**(loss or {}))
+        self.distill = DistillSettings(**(distill or {}))
+        if self.distill.mine_with == "teacher" and teacher is None:
+            raise ValueError("module.distill.mine_with='teacher': choose 'student', or 'teacher' with a teacher")
+        self.schedule = GenerationSchedule(**(schedule or {}), rounds_per_pass=rounds_per_pass)
         self.use_teacher_cache = teacher_cache and teacher is not None
         self.teacher_cache: TeacherCache | None = None  # filled at fit start, never checkpointed
         self.pos_num = pos_num
@@ -177,9 +133,9 @@ class PlaceModule(RecallValidation, L.LightningModule):
         for net in (self.teacher, self.prev_net):
             if net is not None:
                 net.to(self.device)
-        if self.use_teacher_cache and self.distill_weight > 0:
+        if self.use_teacher_cache and self.distill.weight > 0:
             self.fill_teacher_cache()
-        if self.initial_state is None and self.schedule.count > 1:
+        if self.initial_state is None and self.schedule.generations > 1:
             # Every generation restarts from the weights training started with.
             self.initial_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         if self.logger is not None:
@@ -242,7 +198,7 @@ class PlaceModule(RecallValidation, L.LightningModule):
         """The network that mines round ``round_index`` before it starts: the teacher with
         ``mine_with='teacher'``; else the student as it is, or at the start of a new
         generation its initial weights."""
-        if self.mine_with == "teacher":
+        if self.distill.mine_with == "teacher":
             return self.teacher.to(self.device)  # mining may come before on_fit_start moved it
         if self.schedule.generation_of(round_index) == self.generation or self.initial_state is None:
             return self.net
@@ -290,12 +246,12 @@ class PlaceModule(RecallValidation, L.LightningModule):
         if use_regions:
             regions = out.regions.view(b, t, *out.regions.shape[1:])  # [B, T, R, K*D]
             negatives = hardest_regions(anchor, regions[:, 2 : 2 + n])
-        kw = {"margin": self.margin} if self.hard_loss_name == "triplet" else {"tau": self.tau}
-        loss_hard = hard_loss(self.hard_loss_name, anchor, positive, negatives, **kw)
+        kw = {"margin": self.loss.margin} if self.loss.hard == "triplet" else {"tau": self.loss.tau}
+        loss_hard = hard_loss(self.loss.hard, anchor, positive, negatives, **kw)
         loss = loss_hard
         self.log("train/loss_hard", loss_hard, prog_bar=True, batch_size=b)
 
-        if use_regions and self.soft_weight > 0 and self.prev_net is not None:
+        if use_regions and self.loss.soft_weight > 0 and self.prev_net is not None:
             soft_images = torch.cat([images[:, :1], images[:, 2 + n :]], dim=1)  # [B, 1 + P, ...]
             with torch.no_grad():
                 prev = self.prev_net.encode(soft_images.flatten(0, 1), regions=True)
@@ -305,17 +261,17 @@ class PlaceModule(RecallValidation, L.LightningModule):
                 regions[:, 2 + n :],
                 prev.descriptor.view(b, 1 + p, -1)[:, 0],
                 prev_regions[:, 1:],
-                tau_prev=self.tau_per_generation[min(self.generation, len(self.tau_per_generation) - 1)],
-                tau=self.tau,
+                tau_prev=self.loss.tau_per_generation[min(self.generation, len(self.loss.tau_per_generation) - 1)],
+                tau=self.loss.tau,
             )
-            loss = loss + self.soft_weight * loss_soft
+            loss = loss + self.loss.soft_weight * loss_soft
             self.log("train/loss_soft", loss_soft, batch_size=b)
 
-        if self.teacher is not None and self.distill_weight > 0:
+        if self.teacher is not None and self.distill.weight > 0:
             if self.teacher_cache is not None and tuple(image_ids.shape) != (b, t):
                 raise ValueError(f"the teacher cache needs image ids [B, T] = [{b}, {t}], got {tuple(image_ids.shape)}")
             target_vlad, target_attention = self.distill_targets(flat, image_ids)
-            if self.distill_scope == "tuple":  # one Gram per tuple, over the reference's rows
+            if self.distill.scope == "tuple":  # one Gram per tuple, over the reference's rows
                 rows = reference_gram_rows(n, p, device=flat.device)
                 groups = [i * t + rows for i in range(b)]
             else:  # one Gram over every image of the step, relating different places too
@@ -326,14 +282,14 @@ class PlaceModule(RecallValidation, L.LightningModule):
                     target_vlad[group],
                     out.features[group],
                     target_attention[group],
-                    use_vlad=self.distill_vlad,
-                    use_attention=self.distill_attention,
-                    center=self.distill_center,
+                    use_vlad=self.distill.vlad,
+                    use_attention=self.distill.attention,
+                    center=self.distill.center,
                 )
                 for group in groups
             ]
             loss_distill = torch.stack([term["total"] for term in terms]).mean()
-            loss = loss + self.distill_weight * loss_distill
+            loss = loss + self.distill.weight * loss_distill
             self.log("train/loss_distill", loss_distill, prog_bar=True, batch_size=b)
 
         self.log("train/loss", loss, batch_size=b)

@@ -183,17 +183,3 @@ class TupleMiner:
             self.last_negatives[q] = negatives
             tuples.append(MinedTuple(q, int(pos_pool[0]), negatives, positives.astype(np.int64)))
         return tuples
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors, not arrays: checkpoints are read back with ``weights_only=True``."""
-        queries = sorted(self.last_negatives)
-        negatives = [torch.from_numpy(self.last_negatives[q]) for q in queries]
-        return {
-            "queries": torch.tensor(queries, dtype=torch.int64),
-            "negatives": torch.stack(negatives) if negatives else torch.empty((0, self.neg_num), dtype=torch.int64),
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.last_negatives = {
-            int(q): n.numpy().astype(np.int64) for q, n in zip(state["queries"], state["negatives"], strict=True)
-        }

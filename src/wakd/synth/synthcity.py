@@ -15,7 +15,7 @@ Written tree (the contract with :mod:`wakd.data.datasets`)::
     <out>/synthcity/raw/queries/000/000045_q.jpg       (queries)
     <out>/synthcity/raw/synthcity_manifest.json        (preset, seed, counts)
 
-Usage: ``python -m wakd.data.synthcity --out datasets/data --preset demo --seed 0``.
+Usage: ``python -m wakd.synth.synthcity --out datasets/data --preset demo --seed 0``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from PIL import Image
 
 from wakd.atomic import atomic_write_json
 from wakd.data.netvlad_mat import DbStruct, save_dbstruct
-from wakd.data.synthcity_render import (
+from wakd.synth.synthcity_render import (
     PX_PER_M,
     FacadeAtlas,
     Facades,
@@ -340,7 +340,7 @@ def _write_jpeg(img: np.ndarray, path: Path) -> None:
 
 def _manifest(preset: str, seed: int, counts: dict[str, dict[str, int]]) -> dict:
     return {
-        "generator": "wakd.data.synthcity",
+        "generator": "wakd.synth.synthcity",
         "version": GENERATOR_VERSION,
         "preset": preset,
         "seed": seed,
@@ -497,7 +497,7 @@ class RenderedPlaces(torch.utils.data.IterableDataset):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line entry point: ``python -m wakd.data.synthcity --out DIR``."""
+    """Command line entry point: ``python -m wakd.synth.synthcity --out DIR``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (gets synthcity/raw/...)")
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 # maps at 96x128) with a 1x1 projection to 128 channels and BatchNorm momentum 0.1 (see
 # configs/model/mobilenetv3_large.yaml). Both learn their first features on freshly
 # rendered views of the city (docs/design.md, "Learning without ImageNet"); the WAKD
-# student distils the teacher from there on, with centred Grams (`distill.center`,
+# student distils the teacher from there on, with centred Grams (`module.distill.center`,
 # bench/RESULTS.md "Distillation").
 # No ImageNet weights here: every network starts from random weights (model.weights=null;
 # the NetVLAD stages then start from the pretraining checkpoint, a later override).
@@ -125,21 +125,21 @@ def main(argv: list[str] | None = None) -> None:
         _run(name, ["train.py", *model, *common, *extra, f"hydra.run.dir={out / name}"], log, out / name / ".done")
         return out / name / "checkpoints"
 
-    _run("generate the demo city", ["-m", "wakd.data.synthcity", "--out", args.data_dir,
+    _run("generate the demo city", ["-m", "wakd.synth.synthcity", "--out", args.data_dir,
                                     "--preset", "demo", "--seed", str(args.seed)], log)
     def pretrain(steps: int) -> list[str]:  # validated once, at the end
-        return ["experiment=pretrain_places", f"pretrain.steps={steps}", f"pretrain.steps_per_epoch={steps}"]
+        return ["experiment=pretrain_places", f"trainer.max_steps={steps}", f"trainer.limit_train_batches={steps}"]
 
     def netvlad(weights: Path, fraction: float) -> list[str]:
-        return ["experiment=demo_netvlad", f"train.first_passes={budget.netvlad_passes}",
+        return ["experiment=demo_netvlad", f"module.schedule.first_passes={budget.netvlad_passes}",
                 f"model.weights={weights / 'last.ckpt'}", f"trainer.limit_train_batches={fraction}"]
 
     teacher_pre = train("pretrain-teacher", TEACHER, [*pretrain(budget.teacher_pretrain_steps), "teacher=none"])
     teacher = train("teacher", TEACHER, [*netvlad(teacher_pre, budget.teacher_netvlad_fraction), "teacher=none"])
     # MobileNetV3 from scratch learns three times slower than ResNet18 at 1e-3 (RESULTS.md).
-    student_pre = [*pretrain(budget.student_pretrain_steps), "pretrain.lr=3e-3"]
+    student_pre = [*pretrain(budget.student_pretrain_steps), "optimizer.lr=3e-3"]
     distill = ["teacher=resnet18", "teacher.net.num_clusters=32", f"teacher.ckpt={teacher / 'best.ckpt'}",
-               "distill.center=true"]
+               "module.distill.center=true"]
     wakd_pre = train("pretrain-student-wakd", STUDENT, [*student_pre, *distill])
     def student_stage(weights: Path) -> list[str]:
         return [*netvlad(weights, budget.student_netvlad_fraction), f"optimizer.lr={budget.student_netvlad_lr}"]
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     # step's 4 tuples at weight 10; with the reference's per-tuple Grams at weight 100 the
     # distillation term was 40x the triplet loss, did not fall, and the stage gained nothing
     # over plain training (bench/RESULTS.md, "Why the NetVLAD stage did not help").
-    stage_distill = [*distill, "distill.weight=10", "distill.scope=batch", "distill.mine_with=teacher"]
+    stage_distill = [*distill, "module.distill.weight=10", "module.distill.scope=batch", "module.distill.mine_with=teacher"]
     wakd = train("student-wakd", STUDENT, [*student_stage(wakd_pre), *stage_distill])
     plain_pre = train("pretrain-student-plain", STUDENT, [*student_pre, "teacher=none"])
     plain = train("student-plain", STUDENT, [*student_stage(plain_pre), "teacher=none"])

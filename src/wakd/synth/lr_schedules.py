@@ -24,9 +24,9 @@ def warmup_then(
     ``total_steps`` (``CosineAnnealingLR``), the two chained by ``SequentialLR``.
     """
     if decay not in DECAYS:
-        raise ValueError(f"pretrain.schedule={decay!r}: choose constant or cosine")
+        raise ValueError(f"scheduler.decay={decay!r}: choose constant or cosine")
     if decay == "cosine" and not total_steps:
-        raise ValueError("pretrain.schedule=cosine needs pretrain.steps > 0")
+        raise ValueError("scheduler.decay=cosine needs trainer.max_steps > 0")
     if decay == "cosine":
         after: LRScheduler = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
     else:

@@ -9,8 +9,8 @@ one of two objectives:
   bench/RESULTS.md found it learns far faster from scratch than classification;
 - ``cosface``: a cosine classifier with a large margin (CosPlace):
   logits = s * (cos(theta_y) - m) for the true place, s * cos(theta_j) otherwise.
-GeM, the embedding and the classifier are in :mod:`wakd.models.embedding`, the two
-objectives in :mod:`wakd.losses.embedding`.
+GeM, the embedding and the classifier are in :mod:`wakd.synth.embedding`, the two
+objectives in :mod:`wakd.synth.embedding_losses`.
 The backbone is stored as ``net.backbone.*`` so ``model.weights=<this .ckpt>`` loads it,
 its input normalisation (``net.backbone.normalize.*``, applied by the backbone itself to
 the rendered 0-1 views) included: the NetVLAD model then sees pixels on the same scale.
@@ -22,9 +22,9 @@ views must match the Gram of the teacher's VLADs, and likewise for the attention
 views gives a 64 x 64 similarity structure to copy instead of a tuple's 7 x 7.
 
 Built from ``configs/module/pretrain.yaml``: Adam (``configs/optimizer``) at
-``pretrain.lr``, the learning rate stepped per optimizer step by ``configs/scheduler/warmup``.
+``optimizer.lr``, the learning rate stepped per optimizer step by ``configs/scheduler/warmup``.
 Validation (Recall@N of the GeM embedding on the city's val split) runs in Lightning's
-loop at the end of every epoch of ``pretrain.steps_per_epoch`` steps.
+loop at the end of every epoch of ``trainer.limit_train_batches`` steps.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from wakd.losses import cosface_logits, distill_loss, multi_positive_info_nce, teacher_targets
-from wakd.models.embedding import CosineClassifier, PlaceEmbedding
+from wakd.losses import distill_loss, teacher_targets
 from wakd.models.modes import frozen
 from wakd.models.place_net import PlaceNet
-from wakd.modules.place_module import OptimizerFactory, SchedulerFactory
+from wakd.modules.settings import DistillSettings, OptimizerFactory, SchedulerFactory
 from wakd.modules.validation import RecallValidation
+from wakd.synth.embedding import CosineClassifier, PlaceEmbedding
+from wakd.synth.embedding_losses import cosface_logits, multi_positive_info_nce
 
-OBJECTIVES = ("contrastive", "cosface")
+# Rendered views of a place per sample each objective trains on.
+VIEWS_PER_OBJECTIVE = {"contrastive": 2, "cosface": 1}
 
 
 class PlacePretrainModule(RecallValidation, L.LightningModule):
@@ -51,7 +53,8 @@ class PlacePretrainModule(RecallValidation, L.LightningModule):
 
     ``num_classes``: places of the rendered city (the datamodule's), for ``cosface``;
     ``head_lr``: the classifier's learning rate; ``scale``, ``margin``: CosFace's s and m;
-    ``temperature``: InfoNCE's; ``distill_*`` as in :class:`wakd.modules.place_module.PlaceModule`.
+    ``temperature``: InfoNCE's; ``distill``: the weight, vlad, attention and center fields of
+    :class:`wakd.modules.settings.DistillSettings`.
     """
 
     def __init__(
@@ -68,17 +71,14 @@ class PlacePretrainModule(RecallValidation, L.LightningModule):
         margin: float = 0.25,
         head_lr: float = 1e-2,
         teacher: PlaceNet | None = None,
-        distill_weight: float = 100.0,
-        distill_vlad: bool = True,
-        distill_attention: bool = True,
-        distill_center: bool = False,
+        distill: dict | None = None,
         eval_ns: Sequence[int] = (1, 5, 10),
     ) -> None:
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"pretrain.objective={objective!r}: choose contrastive or cosface")
+        if objective not in VIEWS_PER_OBJECTIVE:
+            raise ValueError(f"module.objective={objective!r}: choose contrastive or cosface")
         if teacher is not None and objective != "contrastive":
-            raise ValueError("distillation during pretraining (teacher=<arch>) needs pretrain.objective=contrastive")
+            raise ValueError("distillation during pretraining (teacher=<arch>) needs module.objective=contrastive")
         # The settings, not the objects (see PlaceModule).
         self.save_hyperparameters(ignore=["net", "teacher", "optimizer", "scheduler"])
         self.objective, self.temperature = objective, temperature
@@ -90,8 +90,7 @@ class PlacePretrainModule(RecallValidation, L.LightningModule):
         self.eval_ns = tuple(eval_ns)
         # Unregistered, as in PlaceModule: never trained, never in the checkpoint.
         object.__setattr__(self, "teacher", frozen(teacher) if teacher is not None else None)
-        self.distill_weight, self.distill_vlad, self.distill_attention = distill_weight, distill_vlad, distill_attention
-        self.distill_center = distill_center
+        self.distill = DistillSettings(**(distill or {}))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch  # [B, 3, H, W] (cosface) or [B, 2, 3, H, W] (contrastive), in [0, 1]
@@ -106,8 +105,8 @@ class PlacePretrainModule(RecallValidation, L.LightningModule):
             embeddings = self.net.embed(features)  # [2B, E]
             pairs = embeddings.view(b, 2, -1)
             loss = multi_positive_info_nce(pairs[:, 0], pairs[:, 1], labels, self.temperature)
-            if self.teacher is not None and self.distill_weight > 0:
-                loss = loss + self.distill_weight * self._distill(flat, embeddings, features)
+            if self.teacher is not None and self.distill.weight > 0:
+                loss = loss + self.distill.weight * self._distill(flat, embeddings, features)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -116,8 +115,8 @@ class PlacePretrainModule(RecallValidation, L.LightningModule):
             target = self.teacher.encode(images)
             teacher_vlad, teacher_attention = teacher_targets(target.vlad, target.features)
         terms = distill_loss(embeddings, teacher_vlad, features, teacher_attention,
-                             use_vlad=self.distill_vlad, use_attention=self.distill_attention,
-                             center=self.distill_center)
+                             use_vlad=self.distill.vlad, use_attention=self.distill.attention,
+                             center=self.distill.center)
         self.log("train/loss_distill", terms["total"], prog_bar=True)
         return terms["total"]
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from wakd.data.datamodule import split_images
 from wakd.data.datasets import PlaceSplit, load_split
 from wakd.data.images import build_transform, extraction_loader
-from wakd.data.synthcity import RenderedPlaces
+from wakd.synth.synthcity import RenderedPlaces
 
 
 class RenderedPlacesDataModule(L.LightningDataModule):

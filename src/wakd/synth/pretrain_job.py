@@ -9,7 +9,28 @@ import lightning as L
 from omegaconf import DictConfig
 
 from wakd.jobs.common import ensure_dataset
-from wakd.jobs.train import build_teacher, build_trainer, check_launch, check_writable, save_config
+from wakd.jobs.train import (
+    build_module,
+    build_teacher,
+    build_trainer,
+    check_launch,
+    check_writable,
+    save_config,
+)
+from wakd.synth.pretrain_module import VIEWS_PER_OBJECTIVE
+from wakd.synth.rendered_datamodule import RenderedPlacesDataModule
+
+
+def build_datamodule(cfg: DictConfig) -> RenderedPlacesDataModule:
+    """configs/datamodule/rendered.yaml over the city, as many views per place as
+    ``module.objective`` trains on (an unknown objective: the module says so)."""
+    return hydra.utils.instantiate(
+        cfg.datamodule,
+        root=cfg.dataset.root,
+        image_size=list(cfg.dataset.image_size),
+        seed=cfg.seed,
+        views=VIEWS_PER_OBJECTIVE.get(cfg.module.objective, 1),
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -23,12 +44,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
     ensure_dataset(cfg.dataset)
-    datamodule = hydra.utils.instantiate(cfg.datamodule)  # configs/datamodule/rendered.yaml
+    datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
-    # configs/module/pretrain.yaml, the place network built from model.*
-    build_module = hydra.utils.instantiate(cfg.module, _partial_=True)
     teacher, _ = build_teacher(cfg)
-    module = build_module(teacher=teacher, num_classes=datamodule.num_classes)
+    module = build_module(cfg, teacher=teacher, num_classes=datamodule.num_classes)
     trainer = build_trainer(cfg)
     save_config(cfg, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
