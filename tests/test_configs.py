@@ -71,7 +71,7 @@ def _instantiate(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
         scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
         made["scheduler"] = scheduler(made["optimizer"]) if scheduler is not None else None
     if "module" in keys:
-        made["module"] = train.build_module(cfg, **({"num_classes": 3} if pretraining else {"rounds_per_pass": 2}))
+        made["module"] = train.module_factory(cfg)(**({"num_classes": 3} if pretraining else {"rounds_per_pass": 2}))
     if "trainer" in keys:
         made["trainer"] = hydra.utils.instantiate(cfg.trainer)
     for key in ("logger", "callbacks"):

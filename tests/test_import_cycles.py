@@ -20,19 +20,17 @@ MODULES = {_module_name(p): p for p in (SRC / "wakd").rglob("*.py")}
 
 def _imports(module: str) -> set[str]:
     """The wakd modules ``module`` imports: ``from a.b import c`` counts as a.b.c when that is
-    a module, else as a.b (the package's __init__)."""
+    a module, else as a.b (the package's __init__). wakd imports absolutely only."""
     path = MODULES[module]
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: resolve against this module's package
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
+            assert node.level == 0, f"{path}: a relative import; write it as wakd.<...>"
             for alias in node.names:
-                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+                name = f"{node.module}.{alias.name}"
+                found.add(name if name in MODULES else node.module)
     return {name for name in found if name in MODULES and name != module}
 
 

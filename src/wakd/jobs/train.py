@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +97,16 @@ def build_datamodule(cfg: DictConfig) -> TupleDataModule:
     return hydra.utils.instantiate(cfg.datamodule, dataset=dataset, image_size=dataset["image_size"], seed=cfg.seed)
 
 
-def build_module(cfg: DictConfig, **runtime: Any) -> L.LightningModule:
-    """configs/module/<option> with the network ``model.*`` builds, the optimizer and
-    scheduler factories, and what only the run knows (``runtime``)."""
+def module_factory(cfg: DictConfig) -> Callable[..., L.LightningModule]:
+    """configs/module/<option> with the network ``model.*`` builds (now: before the teacher,
+    so that a seed draws the same random weights) and the optimizer and scheduler
+    factories; called with what only the run knows."""
     scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return hydra.utils.instantiate(cfg.module, _partial_=True)(
+    return functools.partial(
+        hydra.utils.instantiate(cfg.module, _partial_=True),
         net=hydra.utils.instantiate(cfg.model.net),
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=scheduler,
-        **runtime,
     )
 
 
@@ -119,9 +122,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
+    build_module = module_factory(cfg)
     teacher, teacher_info = build_teacher(cfg)
     module: PlaceModule = build_module(
-        cfg,
         teacher=teacher,
         teacher_info=teacher_info,
         teacher_cache=bool(cfg.teacher and cfg.teacher.cache),

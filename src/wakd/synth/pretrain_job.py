@@ -10,11 +10,11 @@ from omegaconf import DictConfig
 
 from wakd.jobs.common import ensure_dataset
 from wakd.jobs.train import (
-    build_module,
     build_teacher,
     build_trainer,
     check_launch,
     check_writable,
+    module_factory,
     save_config,
 )
 from wakd.synth.pretrain_module import VIEWS_PER_OBJECTIVE
@@ -46,8 +46,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     ensure_dataset(cfg.dataset)
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
+    build_module = module_factory(cfg)
     teacher, _ = build_teacher(cfg)
-    module = build_module(cfg, teacher=teacher, num_classes=datamodule.num_classes)
+    module = build_module(teacher=teacher, num_classes=datamodule.num_classes)
     trainer = build_trainer(cfg)
     save_config(cfg, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
