@@ -223,6 +223,8 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
     write_results(
         out_dir,
         dataset=cfg.dataset.name,
+        # Where one dataset has several protocols (MSLS: msls-val vs msls-val-folder), which one.
+        protocol=cfg.dataset.get("protocol", cfg.dataset.name),
         split=split.split,
         checkpoint=cfg.ckpt,
         num_queries=split.num_queries,
