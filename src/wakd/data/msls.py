@@ -140,7 +140,7 @@ def read_role(
     if subtask is not None:
         tables["subtask_index.csv"] = _Table(folder / "subtask_index.csv", (subtask,))
     keys = tables["seq_info.csv"].column("key")
-    for name, table in tables.items():
+    for table in tables.values():
         if len(table.rows) != len(keys):
             raise DatasetFormatError(
                 f"{table.path}: {len(table.rows)} rows, but {folder / 'seq_info.csv'} has "

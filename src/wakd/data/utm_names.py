@@ -38,8 +38,12 @@ def parse_utm_name(path: str | Path) -> UtmName:
             f"{path}: name does not start with '@<utm_east>@<utm_north>@' (UTM folder format: "
             "@utm_e@utm_n@zone@letter@lat@lon@pano@tile@heading@pitch@roll@height@timestamp@note@.jpg)"
         ) from None
-    zone = "".join(parts[3:5]) if len(parts) > 4 else ""
-    return UtmName(east, north, zone.upper() or None)
+    # A zone only where both fields look like one ('17', 'T') and the letter's field is closed
+    # by '@': shorter names such as '@e@n@note@.jpg' carry none.
+    zone = None
+    if len(parts) > 5 and re.fullmatch(r"\d{1,2}", parts[3]) and re.fullmatch(r"[A-Za-z]", parts[4]):
+        zone = parts[3] + parts[4].upper()
+    return UtmName(east, north, zone)
 
 
 def format_utm_name(east: float, north: float, zone: str = "", suffix: str = ".jpg", **fields: object) -> str:
