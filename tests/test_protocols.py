@@ -182,3 +182,26 @@ def test_check_msls_and_query_database_overlap(msls_root, tmp_path: Path, capsys
     os.symlink(folder / "images/test/database" / name, folder / "images/test/queries" / name)
     assert check.main([str(folder)]) == 1
     assert "1 files are both query and database image" in capsys.readouterr().err
+
+
+def test_eval_msls_writes_its_protocol(msls_root, tmp_path: Path) -> None:
+    """eval.py dataset=msls on the miniature: the official queries, the protocol named in results.json."""
+    import json
+
+    from conftest import compose_cfg
+
+    from wakd.jobs import evaluate
+
+    root, expected = msls_root
+    overrides = ["dataset=msls", f"dataset.root={root}", "dataset.image_size=[12,16]", "model=rawpixels",
+                 "model.net.size=[6,8]", "num_workers=0", "plots=false"]
+    cfg = compose_cfg("eval", overrides, tmp_path, tmp_path / "run")
+    evaluate.run(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (results["dataset"], results["protocol"], results["split"]) == ("msls", "msls-val", "val")
+    assert results["num_queries"] == sum(c["queries"] for c in expected.values())
+    assert results["queries_without_positive"] == 0
+    # no training cities here: PCA (for NetVLAD models) falls back to the evaluated database
+    assert evaluate.resolve_pca_fit(cfg) == "database"
+    folder = compose_cfg("eval", ["dataset=msls_folder"], tmp_path, tmp_path / "run2")
+    assert (folder.dataset.name, folder.dataset.protocol, folder.dataset.kind) == ("msls_folder", "msls-val-folder", "folder")
