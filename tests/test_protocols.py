@@ -174,7 +174,9 @@ def test_check_reports_problems_and_exit_status(tmp_path: Path, capsys) -> None:
 def test_check_msls_and_query_database_overlap(msls_root, tmp_path: Path, capsys) -> None:
     root, _ = msls_root
     assert check.main([str(root)]) == 0
-    assert "msls    | val   | 12      | 34" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "msls    | val   | 12      | 34" in out
+    assert "6 flagged queries have no positive within 25 m and are left out" in out and "cphq00003.jpg" in out
     folder = tmp_path / "overlap"
     name = format_utm_name(E0, N0, "17T")
     _jpeg(folder / "images/test/database" / name)

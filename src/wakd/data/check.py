@@ -25,7 +25,7 @@ import numpy as np
 from wakd.data import msls
 from wakd.data.datasets import PlaceSplit, load_split
 from wakd.data.images import ImageLoadError, load_rgb
-from wakd.data.utm_names import parse_utm_name
+from wakd.data.utm_names import DATASET_ZONES, parse_utm_name
 
 SPLITS = ("train", "val", "test")
 
@@ -107,8 +107,15 @@ def check_split(
     report.undecodable = len(broken)
     if broken:
         report.problems.append(f"{len(broken)} of {report.decoded} images decoded fail: {_listed(broken, limit)}")
-    _check_coordinates(place, report)
+    _check_coordinates(kind, place, report)
     _check_names(place, report, limit)
+    if kind == "msls" and split == "val":  # the protocol leaves these out; say which
+        dropped = msls.read_protocol(root, msls.VAL_CITIES, radius=place.eval_radius).dropped
+        if dropped:
+            report.warnings.append(
+                f"{len(dropped)} flagged queries have no positive within {place.eval_radius:g} m and are "
+                f"left out, as the official protocol does: {_listed(dropped, limit)}"
+            )
     no_positive = [place.q_rel[i] for i, p in enumerate(place.eval_positives()) if len(p) == 0]
     report.no_positive = len(no_positive)
     if no_positive:
@@ -119,14 +126,16 @@ def check_split(
     return report
 
 
-def _check_coordinates(place: PlaceSplit, report: SplitReport) -> None:
+def _check_coordinates(kind: str, place: PlaceSplit, report: SplitReport) -> None:
     for what, utm, rel in (("query", place.q_utm, place.q_rel), ("database", place.db_utm, place.db_rel)):
         bad = np.flatnonzero(~np.isfinite(utm).all(axis=1))
         if bad.size:
             report.problems.append(f"{bad.size} {what} images without finite UTM coordinates, e.g. {rel[bad[0]]}")
-    if place.name == "folder":  # only these names carry a zone (the loader refuses mixed zones)
+    if kind == "folder":  # only these names carry a zone (the loader refuses mixed zones)
         zones = {parse_utm_name(r).zone for r in place.q_rel + place.db_rel} - {None}
         report.zone = ",".join(sorted(zones)) or "-"
+    else:  # known per dataset; MSLS cities each have their own
+        report.zone = DATASET_ZONES.get(kind, "-")
 
 
 def _check_names(place: PlaceSplit, report: SplitReport, limit: int) -> None:

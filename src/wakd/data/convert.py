@@ -21,10 +21,9 @@ from pathlib import Path
 
 from wakd.data.check import detect
 from wakd.data.datasets import PlaceSplit, load_split
-from wakd.data.utm_names import format_utm_name
+from wakd.data.utm_names import DATASET_ZONES, format_utm_name
 
 MAT_KINDS = ("pitts", "tokyo247", "tokyotm", "synthcity")
-DEFAULT_ZONES = {"pitts": "17T", "tokyo247": "54S", "tokyotm": "54S", "synthcity": ""}
 
 
 def link_names(split: PlaceSplit, which: str, zone: str) -> list[str]:
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{src}: found {what}; choose one with --kind (and --scale)", file=sys.stderr)
         return 2
     kind, scale = datasets[0]
-    zone = DEFAULT_ZONES[kind] if args.zone is None else args.zone
+    zone = DATASET_ZONES.get(kind, "") if args.zone is None else args.zone
     try:
         for _, _, split_name in found:
             split = load_split(kind, src, split_name, scale=scale)

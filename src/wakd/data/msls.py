@@ -175,7 +175,7 @@ class MslsProtocol:
     q_utm: np.ndarray  # [M, 2]
     db_regions: np.ndarray  # [N] int64 city number
     q_regions: np.ndarray  # [M] int64
-    dropped_queries: int  # kept by the filters but without a positive (dropped or not)
+    dropped: list[str]  # queries kept by the filters but without a positive (left out or not)
 
 
 def read_protocol(
@@ -192,12 +192,12 @@ def read_protocol(
     db_rel: list[str] = []
     q_rel: list[str] = []
     db_utm, q_utm, db_regions, q_regions = [], [], [], []
-    dropped = 0
+    dropped: list[str] = []
     for number, city in enumerate(cities):
         db = read_role(root, city, "database", subtask, exclude_panos)
         q = read_role(root, city, "query", subtask, exclude_panos)
         has_positive = np.array([len(p) > 0 for p in radius_positives(db.utm, q.utm, radius)], dtype=bool)
-        dropped += int((~has_positive).sum())
+        dropped += [r for r, h in zip(q.rel, has_positive, strict=True) if not h]
         if not drop_queries_without_positive:
             has_positive[:] = True
         db_rel += db.rel
@@ -213,5 +213,5 @@ def read_protocol(
         q_utm=np.concatenate(q_utm).reshape(-1, 2),
         db_regions=np.concatenate(db_regions),
         q_regions=np.concatenate(q_regions),
-        dropped_queries=dropped,
+        dropped=dropped,
     )

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from wakd.data.netvlad_mat import DatasetFormatError
 
+# The UTM zone of each NetVLAD-format dataset, whose .mat files give eastings and northings only.
+DATASET_ZONES = {"pitts": "17T", "tokyo247": "54S", "tokyotm": "54S"}
 FIELDS = (
     "utm_east", "utm_north", "utm_zone", "utm_letter", "lat", "lon", "pano_id", "tile_num",
     "heading", "pitch", "roll", "height", "timestamp", "note",
