@@ -207,3 +207,23 @@ def test_eval_msls_writes_its_protocol(msls_root, tmp_path: Path) -> None:
     assert evaluate.resolve_pca_fit(cfg) == "database"
     folder = compose_cfg("eval", ["dataset=msls_folder"], tmp_path, tmp_path / "run2")
     assert (folder.dataset.name, folder.dataset.protocol, folder.dataset.kind) == ("msls_folder", "msls-val-folder", "folder")
+
+
+def test_convert_tokyo_tm_keeps_zone_and_capture_month(tmp_path: Path) -> None:
+    src, dst = tmp_path / "raw", tmp_path / "folder"
+    db = DbStruct(
+        split="val",
+        db_image_fns=["a/db0.jpg", "a/db1.jpg"],
+        db_utm=np.array([[380_000.0, 3_946_000.0], [380_005.0, 3_946_000.0]]),
+        q_image_fns=["a/q0.jpg"],
+        q_utm=np.array([[380_001.0, 3_946_001.0]]),
+        db_timestamps=np.array([200912, 201103]),
+        q_timestamps=np.array([200912]),
+    )
+    save_dbstruct(db, src / "tokyoTM_val.mat")
+    for fn in db.db_image_fns + db.q_image_fns:
+        _jpeg(src / "tokyoTM/images" / fn)
+    assert convert.main([str(src), str(dst)]) == 0
+    names = sorted(p.name for p in (dst / "images/val/database").iterdir())
+    assert [[*n.split("@")[3:5], n.split("@")[13]] for n in names] == [["54", "S", "200912"], ["54", "S", "201103"]]
+    assert load_split("folder", dst, "val").num_db == 2
