@@ -77,6 +77,9 @@ def test_msls_rows_must_describe_the_same_images(msls_root) -> None:
     _rewrite_csv(root / "train_val/cph/query/raw.csv", 3, "key", "someone_else")
     with pytest.raises(DatasetFormatError, match=r"cph/query/raw\.csv line 3: key 'someone_else'"):
         load_split("msls", root, "val")
+    _rewrite_csv(root / "train_val/cph/database/seq_info.csv", 2, "key", "../../escape")
+    with pytest.raises(DatasetFormatError, match=r"cph/database/seq_info\.csv line 2: key '\.\./\.\./escape' is not an image name"):
+        load_split("msls", root, "val")
 
 
 def test_msls_missing_city_and_column(msls_root) -> None:

@@ -140,6 +140,12 @@ def read_role(
     if subtask is not None:
         tables["subtask_index.csv"] = _Table(folder / "subtask_index.csv", (subtask,))
     keys = tables["seq_info.csv"].column("key")
+    for i, key in enumerate(keys):
+        if not key or "/" in key or "\\" in key or key.startswith("."):
+            raise DatasetFormatError(
+                f"{folder / 'seq_info.csv'} line {i + 2}: key {key!r} is not an image name "
+                "(images/<key>.jpg must stay inside the images folder)"
+            )
     for table in tables.values():
         if len(table.rows) != len(keys):
             raise DatasetFormatError(
