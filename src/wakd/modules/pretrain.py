@@ -30,11 +30,13 @@ loop at the end of every epoch of ``pretrain.steps_per_epoch`` steps.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from wakd.eval.protocol import training_card
 from wakd.losses import cosface_logits, distill_loss, multi_positive_info_nce, teacher_targets
 from wakd.models.embedding import CosineClassifier, PlaceEmbedding
 from wakd.models.modes import frozen
@@ -92,6 +94,9 @@ class PlacePretrainModule(RecallValidation, L.LightningModule):
         object.__setattr__(self, "teacher", frozen(teacher) if teacher is not None else None)
         self.distill_weight, self.distill_vlad, self.distill_attention = distill_weight, distill_vlad, distill_attention
         self.distill_center = distill_center
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["wakd"] = {"card": training_card(self.trainer, self.net, f"pretrain-{self.objective}")}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch  # [B, 3, H, W] (cosface) or [B, 2, 3, H, W] (contrastive), in [0, 1]
