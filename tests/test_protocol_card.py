@@ -205,3 +205,21 @@ def test_eval_multirun_writes_one_table(tiny_data_dir: Path, tmp_path: Path) -> 
         r1 = next(r["recall"]["1"] for r in results if r["split"] == split)
         assert float(rows[1][column]) == pytest.approx(100 * r1, abs=0.05)
     assert (sweep / "report.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_pretraining_checkpoint_has_a_card(tiny_data_dir: Path, tmp_path: Path) -> None:
+    from conftest import PRETRAIN
+
+    from wakd.jobs import pretrain
+
+    short = [o for o in PRETRAIN if not o.startswith("pretrain.steps")] + ["pretrain.steps=4", "pretrain.steps_per_epoch=2"]
+    pretrain.run(compose_cfg("train", short, tiny_data_dir, tmp_path / "run"))
+    ckpts = sorted((tmp_path / "run").rglob("*.ckpt"))
+    assert ckpts
+    stored = torch.load(ckpts[0], map_location="cpu", weights_only=True)
+    ckpt_card = stored["wakd"]["card"]
+    expected = _expected_protocol(tiny_data_dir / "synthcity" / "raw", "val", [64, 86])
+    assert {k: ckpt_card["protocol"][k] for k in expected} == expected
+    net_state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items() if k.startswith("net.")}
+    assert ckpt_card["descriptive"]["weights_sha256"] == weights_hash(net_state)
+    assert ckpt_card["descriptive"]["selected_on"]["monitor"] == ["val/R@1"]
