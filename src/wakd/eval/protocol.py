@@ -40,6 +40,8 @@ import torch
 
 from wakd.ann import SearchSpec
 from wakd.data.datasets import PlaceSplit
+from wakd.jobs.common import file_digest
+from wakd.models.checkpoints import load_torch_file
 
 NO_POSITIVE_RULE = "counted as misses (kept in the denominator)"
 
@@ -72,15 +74,6 @@ def weights_hash(state: Mapping[str, torch.Tensor]) -> str:
         tensor = state[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of a file (an exported ONNX model's weights)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -209,8 +202,6 @@ def training_card(trainer: Any, net: torch.nn.Module, model: str | None) -> dict
 
 def checkpoint_card(path: str | os.PathLike) -> dict[str, Any] | None:
     """The card stored in a wakd checkpoint (None for other files and older checkpoints)."""
-    from wakd.models.checkpoints import load_torch_file
-
     if Path(path).suffix in (".safetensors", ".onnx"):
         return None
     content = load_torch_file(path)
@@ -230,7 +221,7 @@ def evaluation_card(
         split_protocol(split, dataset=cfg.dataset.name, variant=cfg.dataset.get("protocol"),
                        image_size=cfg.dataset.get("image_size")),
         model=cfg.model.name,
-        weights_sha256=file_hash(cfg.backend_model) if onnx else weights_hash(net.state_dict()),
+        weights_sha256=file_digest(cfg.backend_model, length=64) if onnx else weights_hash(net.state_dict()),
         checkpoint=str(cfg.backend_model if onnx else ckpt) if (onnx or ckpt) else None,
         seed=int(cfg.seed),
         pca={"fit": pca_fit, "file": str(pca_file)} if pca_fit else None,
