@@ -218,8 +218,8 @@ def test_missing_root_explains_tree(tmp_path: Path) -> None:
     assert "synthcity" not in message  # the entry scripts add it where no root was named
     with pytest.raises(FileNotFoundError, match=r"(?s)tokyoTM_train\.mat.*tokyoTM/images"):
         load_split("tokyotm", tmp_path, "train")
-    with pytest.raises(ValueError, match="unknown dataset kind 'msls'"):
-        load_split("msls", tmp_path, "train")
+    with pytest.raises(ValueError, match="unknown dataset kind 'nordland'"):
+        load_split("nordland", tmp_path, "train")
 
 
 def test_missing_images_named_and_counted(tmp_path: Path) -> None:

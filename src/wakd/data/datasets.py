@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from wakd.data import msls
 from wakd.data.ground_truth import radius_positives
-from wakd.data.netvlad_mat import DatasetFormatError, DbStruct, load_dbstruct
+from wakd.data.netvlad_mat import DbStruct, load_dbstruct
+from wakd.data.utm_names import check_one_zone, parse_utm_name
 
-KINDS = ("pitts", "tokyo247", "tokyotm", "synthcity", "folder")
+KINDS = ("pitts", "tokyo247", "tokyotm", "synthcity", "folder", "msls")
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Appended by the entry scripts (wakd.cli) only where the user left the data location at its
 # default: whoever named a root wants that data, not another dataset.
@@ -39,6 +41,7 @@ EXPECTED_TREES = {
     "<root>/images/<dbImageFns>\n<root>/queries/<qImageFns>",
     "folder": "<root>/images/{train,val,test}/database/@<utm_east>@<utm_north>@...@.jpg\n"
     "<root>/images/{train,val,test}/queries/@<utm_east>@<utm_north>@...@.jpg",
+    "msls": msls.EXPECTED_TREE,
 }
 
 
@@ -60,6 +63,9 @@ class PlaceSplit:
     db_timestamps: np.ndarray | None = None  # [N] (YYYYMM), Tokyo TM
     q_timestamps: np.ndarray | None = None  # [M]
     db_group_ids: np.ndarray | None = None  # [N] int64 panorama id, for de-duplicating results
+    # [N] / [M] int64: positives never cross regions (MSLS cities, whose UTM zones differ)
+    db_regions: np.ndarray | None = None
+    q_regions: np.ndarray | None = None
     train_pos_radius: float = 10.0
     eval_radius: float = 25.0
     _cache: dict[str, list[np.ndarray]] = field(default_factory=dict, init=False, repr=False)
@@ -74,6 +80,8 @@ class PlaceSplit:
             ("db_timestamps", self.db_timestamps, self.num_db),
             ("q_timestamps", self.q_timestamps, self.num_queries),
             ("db_group_ids", self.db_group_ids, self.num_db),
+            ("db_regions", self.db_regions, self.num_db),
+            ("q_regions", self.q_regions, self.num_queries),
         ):
             if arr is not None and len(arr) != count:
                 raise ValueError(
@@ -83,6 +91,8 @@ class PlaceSplit:
             raise ValueError(
                 f"{self.name} {self.split}: give both db and query time stamps, or neither"
             )
+        if (self.db_regions is None) != (self.q_regions is None):
+            raise ValueError(f"{self.name} {self.split}: give both db and query regions, or neither")
 
     @property
     def db_paths(self) -> list[Path]:
@@ -110,7 +120,8 @@ class PlaceSplit:
         return self._cached(
             "eval",
             lambda: radius_positives(
-                self.db_utm, self.q_utm, self.eval_radius, self.db_timestamps, self.q_timestamps
+                self.db_utm, self.q_utm, self.eval_radius, self.db_timestamps, self.q_timestamps,
+                self.db_regions, self.q_regions,
             ),
         )
 
@@ -124,13 +135,19 @@ class PlaceSplit:
                 self.train_pos_radius,
                 self.db_timestamps,
                 self.q_timestamps,
+                self.db_regions,
+                self.q_regions,
             ),
         )
 
     def non_negatives(self) -> list[np.ndarray]:
         """Per query, db indices within ``eval_radius`` whatever their time: never negatives."""
         return self._cached(
-            "non_neg", lambda: radius_positives(self.db_utm, self.q_utm, self.eval_radius)
+            "non_neg",
+            lambda: radius_positives(
+                self.db_utm, self.q_utm, self.eval_radius,
+                db_regions=self.db_regions, q_regions=self.q_regions,
+            ),
         )
 
     def queries_with_train_positive(self) -> np.ndarray:
@@ -165,6 +182,8 @@ def load_split(
         )
     if kind == "folder":
         place_split = _load_folder(root, split)
+    elif kind == "msls":
+        place_split = _load_msls(root, split, 25.0 if pos_dist_thr is None else float(pos_dist_thr))
     else:
         place_split = _load_mat_split(kind, root, split, scale)
     if pos_dist_thr is not None:
@@ -184,6 +203,8 @@ def split_files(kind: str, root: str | os.PathLike, split: str, scale: str | Non
     root = Path(root).expanduser().absolute()
     if kind == "folder":
         return [root / "images" / split / "database", root / "images" / split / "queries"]
+    if kind == "msls":
+        return [root / "train_val" / city for city in _msls_cities(split)]
     return [root / _mat_layout(kind, root, split, scale)[1]]
 
 
@@ -304,7 +325,33 @@ def tokyo247_panorama_ids(db_image_fns: list[str]) -> np.ndarray:
 def _load_folder(root: Path, split: str) -> PlaceSplit:
     db_rel, db_utm = _list_utm_folder(root, Path("images") / split / "database")
     q_rel, q_utm = _list_utm_folder(root, Path("images") / split / "queries")
+    rel = db_rel + q_rel
+    check_one_zone([str(root / r) for r in rel], [parse_utm_name(r).zone for r in rel])
     return PlaceSplit("folder", split, root, db_rel, q_rel, db_utm, q_utm)
+
+
+def _msls_cities(split: str) -> tuple[str, ...]:
+    cities = {"val": msls.VAL_CITIES, "train": msls.TRAIN_CITIES}
+    if split not in cities:
+        raise ValueError(
+            f"MSLS split {split!r}: choose val (the official validation protocol, cph and sf) or "
+            "train (the 22 training cities); the test cities have no public coordinates"
+        )
+    return cities[split]
+
+
+def _load_msls(root: Path, split: str, radius: float) -> PlaceSplit:
+    """val: MSLS's official validation protocol (``wakd.data.msls``), 740 queries on the real
+    data; train: every non-panorama image of the training cities."""
+    val = split == "val"
+    protocol = msls.read_protocol(
+        root, _msls_cities(split), subtask="all" if val else None, radius=radius,
+        drop_queries_without_positive=val,
+    )
+    return PlaceSplit(
+        "msls", split, root, protocol.db_rel, protocol.q_rel, protocol.db_utm, protocol.q_utm,
+        db_regions=protocol.db_regions, q_regions=protocol.q_regions, eval_radius=radius,
+    )
 
 
 def _list_utm_folder(root: Path, folder: Path) -> tuple[list[str], np.ndarray]:
@@ -321,17 +368,8 @@ def _list_utm_folder(root: Path, folder: Path) -> tuple[list[str], np.ndarray]:
     )
     if not rel:
         raise MissingDatasetError(f"{directory} holds no .jpg/.png images")
-    utm = np.empty((len(rel), 2), dtype=np.float64)
-    for i, r in enumerate(rel):
-        parts = Path(r).name.split("@")
-        try:
-            utm[i] = float(parts[1]), float(parts[2])
-        except (IndexError, ValueError):
-            raise DatasetFormatError(
-                f"{root / r}: name does not start with '@<utm_east>@<utm_north>@' "
-                "(UTM folder format)"
-            ) from None
-    return rel, utm
+    names = [parse_utm_name(root / r) for r in rel]
+    return rel, np.array([(n.east, n.north) for n in names], dtype=np.float64).reshape(-1, 2)
 
 
 def _check_images_exist(place_split: PlaceSplit) -> None:

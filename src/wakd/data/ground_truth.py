@@ -33,12 +33,16 @@ def radius_positives(
     radius: float,
     db_timestamps: np.ndarray | None = None,
     q_timestamps: np.ndarray | None = None,
+    db_regions: np.ndarray | None = None,
+    q_regions: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Per query, the int64 indices of database images within ``radius`` metres.
 
     Indices are sorted by distance (ties by index); the boundary is included.
     With time stamps, database images taken at the query's own time stamp are
-    dropped (Tokyo TM: a positive must show the place at another time).
+    dropped (Tokyo TM: a positive must show the place at another time). With
+    regions, only database images of the query's own region count (MSLS cities:
+    UTM coordinates of different zones may coincide without being near).
     """
     db_utm = _check_utm(db_utm, "db_utm")
     q_utm = _check_utm(q_utm, "q_utm")
@@ -59,4 +63,10 @@ def radius_positives(
         db_ts = _check_timestamps(db_timestamps, len(db_utm), "db_timestamps")
         q_ts = _check_timestamps(q_timestamps, len(q_utm), "q_timestamps")
         positives = [pos[db_ts[pos] != q_ts[i]] for i, pos in enumerate(positives)]
+    if (db_regions is None) != (q_regions is None):
+        raise ValueError("give both db_regions and q_regions, or neither")
+    if db_regions is not None:
+        db_reg = _check_timestamps(db_regions, len(db_utm), "db_regions")
+        q_reg = _check_timestamps(q_regions, len(q_utm), "q_regions")
+        positives = [pos[db_reg[pos] == q_reg[i]] for i, pos in enumerate(positives)]
     return positives

@@ -20,6 +20,7 @@ from wakd.data.images import build_transform
 from wakd.describe import extract_descriptors
 from wakd.distributed import check_shared_run_dir, launcher_process_group
 from wakd.eval.plots import pick_examples, plot_attention, plot_recall_curve, plot_retrievals
+from wakd.eval.protocol import evaluation_card
 from wakd.eval.report import recall_table, write_predictions, write_results
 from wakd.eval.retrieval import Retrieval, evaluate_split
 from wakd.jobs.cluster import init_netvlad
@@ -219,6 +220,8 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
     write_results(
         out_dir,
         dataset=cfg.dataset.name,
+        # Where one dataset has several protocols (MSLS: msls-val vs msls-val-folder), which one.
+        protocol=cfg.dataset.get("protocol", cfg.dataset.name),
         split=split.split,
         checkpoint=cfg.ckpt,
         num_queries=split.num_queries,
@@ -235,6 +238,7 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
         pca_file=str(pca_file) if pca_file else None,
         descriptor_store=str(store) if store else None,
         search=spec.index,
+        card=evaluation_card(cfg, split, net, pca_fit=pca_fit, pca_file=pca_file, spec=spec),
     )
     write_predictions(out_dir, split.q_rel, split.db_rel, result.topk, result.distances)
     if cfg.plots:

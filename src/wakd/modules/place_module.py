@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from wakd.eval.protocol import training_card
 from wakd.losses import distill_loss, hard_loss, hardest_regions, sfrs_soft_loss, teacher_targets
 from wakd.models.modes import frozen
 from wakd.models.place_net import PlaceNet
@@ -304,6 +305,8 @@ class PlaceModule(RecallValidation, L.LightningModule):
             "teacher": self.teacher_info,
             "prev_net": self.prev_net.state_dict() if self.prev_net is not None else None,
             "initial_state": self.initial_state,
+            # The validation protocol that selects checkpoints and the weights saved (wakd.eval.protocol).
+            "card": training_card(self.trainer, self.net, self.model_config.get("name")),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -30,11 +30,13 @@ loop at the end of every epoch of ``trainer.limit_train_batches`` steps.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from wakd.eval.protocol import training_card
 from wakd.losses import distill_loss, teacher_targets
 from wakd.models.modes import frozen
 from wakd.models.place_net import PlaceNet
@@ -91,6 +93,9 @@ class PlacePretrainModule(RecallValidation, L.LightningModule):
         # Unregistered, as in PlaceModule: never trained, never in the checkpoint.
         object.__setattr__(self, "teacher", frozen(teacher) if teacher is not None else None)
         self.distill = DistillSettings(**(distill or {}))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["wakd"] = {"card": training_card(self.trainer, self.net, f"pretrain-{self.objective}")}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch  # [B, 3, H, W] (cosface) or [B, 2, 3, H, W] (contrastive), in [0, 1]
