@@ -8,7 +8,8 @@
     describe    descriptor extraction          (networks over images)
     eval        retrieval, Recall@N, reports
     modules     LightningModules, mining, validation
-    entry       jobs, cli, export, synth       (may import anything; synth: the demo stack)
+    entry       jobs, cli, export, report,     (may import anything; synth: the demo stack)
+                synth
 
 No module outside wakd.synth imports it, at any depth: the paper's code reaches the demo
 stack only through config ``_target_``s (and the dataset's generator) the entry points resolve.
@@ -30,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"describe"},
     {"eval"},
     {"modules"},
-    {"jobs", "cli", "export", "synth"},
+    {"jobs", "cli", "export", "report", "synth"},
 ]
 LAYER_OF = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 ENTRY = len(LAYERS) - 1

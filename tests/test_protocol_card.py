@@ -210,9 +210,9 @@ def test_eval_multirun_writes_one_table(tiny_data_dir: Path, tmp_path: Path) -> 
 def test_pretraining_checkpoint_has_a_card(tiny_data_dir: Path, tmp_path: Path) -> None:
     from conftest import PRETRAIN
 
-    from wakd.jobs import pretrain
+    from wakd.synth import pretrain_job as pretrain
 
-    short = [o for o in PRETRAIN if not o.startswith("pretrain.steps")] + ["pretrain.steps=4", "pretrain.steps_per_epoch=2"]
+    short = [*PRETRAIN, "trainer.max_steps=4", "trainer.limit_train_batches=2"]
     pretrain.run(compose_cfg("train", short, tiny_data_dir, tmp_path / "run"))
     ckpts = sorted((tmp_path / "run").rglob("*.ckpt"))
     assert ckpts

@@ -40,8 +40,8 @@ import torch
 
 from wakd.ann import SearchSpec
 from wakd.data.datasets import PlaceSplit
-from wakd.jobs.common import file_digest
 from wakd.models.checkpoints import load_torch_file
+from wakd.resolvers import file_digest
 
 NO_POSITIVE_RULE = "counted as misses (kept in the denominator)"
 
