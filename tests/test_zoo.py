@@ -180,7 +180,7 @@ def test_truncated_file_and_partial_state(tmp_path):
     path = tmp_path / "cosplace.pth"
     torch.save(cosplace_state(64), path)
     (tmp_path / "cut.pth").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(zoo.ZooLoadError, match="cannot be read.*truncated"):
+    with pytest.raises(zoo.ZooLoadError, match=r"cannot be read.*truncated"):
         zoo.load(tmp_path / "cut.pth")
     partial = {k: v for k, v in cosplace_state(64).items() if not k.startswith("backbone.7.")}
     torch.save(partial, tmp_path / "partial.pth")
@@ -192,7 +192,7 @@ def test_truncated_file_and_partial_state(tmp_path):
 
 def test_hub_url_fails_at_once_naming_the_file():
     url = "https://github.com/gmberton/CosPlace/releases/download/v1.0/ResNet50_2048_cosplace.pth"
-    with pytest.raises(zoo.ZooLoadError, match="never downloads.*ResNet50_2048_cosplace.pth.*model.weights="):
+    with pytest.raises(zoo.ZooLoadError, match=r"never downloads.*ResNet50_2048_cosplace\.pth.*model\.weights="):
         zoo.load(url)
 
 
