@@ -35,7 +35,7 @@ FAMILIES: tuple[str, ...] = (
     "mixvpr",
 )
 _MAX_LISTED = 8
-_WRAPPERS = ("state_dict", "model")
+_WRAPPERS = ("state_dict", "model_state_dict", "model")  # Lightning / OpenIBL, DVGLB, others
 
 
 class ZooLoadError(ValueError):
@@ -66,7 +66,7 @@ def _check_local(path: str | os.PathLike) -> Path:
 
 def read_state(path: str | os.PathLike) -> dict[str, Tensor]:
     """A published file's tensors: ``.safetensors`` or torch pickles read with weights_only
-    (``{'state_dict': ...}`` / ``{'model': ...}`` unwrapped, DataParallel/DDP ``module.`` dropped)."""
+    (``{'state_dict' | 'model_state_dict' | 'model': ...}`` unwrapped, DataParallel/DDP ``module.`` dropped)."""
     path = _check_local(path)
     try:
         content: object = load_file(str(path)) if path.suffix == ".safetensors" else load_torch_file(path)
