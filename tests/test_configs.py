@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import wakd.jobs.common  # noqa: F401  (registers the centroid_file resolver)
+from wakd.zoo import ZooLoadError
 
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
 # Options that only work with another group's option (as their experiment pairs them):
@@ -57,6 +58,10 @@ def _instantiate(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
             made[key] = OmegaConf.to_container(cfg[key], resolve=True)
     for key in ("model", "teacher"):
         if key in keys and cfg.get(key) is not None:
+            if "zoo_family" in cfg[key]:  # a published model: without its file, one clear error
+                with pytest.raises(ZooLoadError, match=rf"{key}\.weights=PATH"):
+                    hydra.utils.instantiate(cfg[key].net)
+                continue
             made[key] = hydra.utils.instantiate(cfg[key].net)
     if "datamodule" in keys:
         made["datamodule"] = hydra.utils.instantiate(cfg.datamodule)

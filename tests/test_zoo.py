@@ -3,14 +3,25 @@ modules) load strictly, are recognised, and give unit-norm descriptors; bad file
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
+import hydra
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+import torchvision.transforms as T
+from conftest import REPO, compose_cfg
+from PIL import Image
 
 from wakd import zoo
+from wakd.data.images import ImageListDataset, build_transform
+from wakd.jobs import evaluate
 
 IMAGES = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -205,3 +216,60 @@ def test_wakd_checkpoint_is_pointed_to_ckpt(tmp_path):
 def test_unknown_family_lists_registered():
     with pytest.raises(ValueError, match="cosplace"):
         zoo.family("netvlad2")
+
+
+# -- configs and evaluation ----------------------------------------------------------------
+
+TINY_EVAL = ["dataset=synthcity", "dataset.generate.preset=tiny", "num_workers=0", "batch_size=32", "plots=false"]
+
+
+def test_eval_command_line_runs_a_zoo_model(tiny_data_dir, tmp_path):
+    """python eval.py dataset=synthcity model=cosplace model.weights=PATH (PCA off by default)."""
+    weights = tmp_path / "ResNet18_64_cosplace.pth"
+    torch.save(cosplace_state(64), weights)
+    cmd = [
+        sys.executable, str(REPO / "eval.py"), *TINY_EVAL, "model=cosplace", f"model.weights={weights}",
+        f"paths.data_dir={tiny_data_dir}", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["descriptor_dim"] == 64 and results["model"] == "cosplace"
+    assert results["checkpoint"] == str(weights) and results["pca_fit"] is None
+    assert 0 <= results["recall"]["1"] <= results["recall"]["20"] <= 1
+
+
+def test_eval_zoo_model_at_its_size_with_pca_on_request(tiny_data_dir, tmp_path):
+    """model.image_size / model.resize reach the images; model.pca=true whitens."""
+    weights = tmp_path / "mixvpr.ckpt"
+    torch.save(mixvpr_state(locations=16), weights)  # a 4x4 map: 64x64 inputs
+    overrides = [*TINY_EVAL, "model=mixvpr", f"model.weights={weights}", "model.image_size=[64,64]",
+                 "model.pca=true", "pca_dim=8", "pca_fit=database"]
+    cfg = compose_cfg("eval", overrides, tiny_data_dir, tmp_path / "run")
+    assert evaluate._transform(cfg).compose.transforms[0].interpolation == T.InterpolationMode.BICUBIC
+    evaluate.run(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["descriptor_dim"] == 8 and results["pca_fit"] == "database"
+    assert Path(results["pca_file"]).parent == tmp_path  # cached beside the weights, keyed by them
+
+
+def test_teacher_config_builds_the_zoo_model(tiny_data_dir, tmp_path):
+    weights = tmp_path / "ResNet18_32_eigenplaces.pth"
+    torch.save(cosplace_state(32), weights)
+    cfg = compose_cfg("train", ["teacher=eigenplaces", f"teacher.weights={weights}"], tiny_data_dir, tmp_path / "run")
+    teacher = hydra.utils.instantiate(cfg.teacher.net)
+    assert teacher.zoo_description == "EigenPlaces ResNet18, 32-d"
+    assert teacher(IMAGES).shape == (2, 32)
+
+
+def test_zoo_transform_decodes_in_full_before_resizing(tmp_path):
+    """Published models see the authors' resize of the full image, not of a JPEG draft."""
+    pixels = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    transform = build_transform((32, 32), train=False, resize="bicubic", draft=False)
+    got = ImageListDataset([tmp_path / "a.jpg"], transform)[0][0]
+    with Image.open(tmp_path / "a.jpg") as image:
+        expected = T.ToTensor()(T.Resize((32, 32), T.InterpolationMode.BICUBIC)(image.convert("RGB")))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    drafted = ImageListDataset([tmp_path / "a.jpg"], build_transform((32, 32), train=False, resize="bicubic"))[0][0]
+    assert not torch.equal(drafted, expected)  # the fast path (wakd's own models) differs

@@ -49,7 +49,12 @@ def family(name: str) -> ModuleType:
     return importlib.import_module(f"wakd.zoo.{name}")
 
 
-def _check_local(path: str | os.PathLike) -> Path:
+def _check_local(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        raise ZooLoadError(
+            "no weight file given: pass the published file as model.weights=PATH (teacher.weights=PATH "
+            "for a teacher); docs/zoo.md says where each family's files are downloaded"
+        )
     text = str(path)
     if re.match(r"^[a-z][a-z0-9+.-]*://", text):
         name = text.rstrip("/").rsplit("/", 1)[-1].split("?")[0] or "the weight file"
@@ -164,11 +169,12 @@ def _mismatch_error(path: Path, state: Mapping[str, Tensor], module: ModuleType 
     return ZooLoadError(message)
 
 
-def load(path: str | os.PathLike, family_name: str | None = None, **options: Any) -> nn.Module:
+def load(path: str | os.PathLike | None, family_name: str | None = None, **options: Any) -> nn.Module:
     """The published model in ``path``, loaded strictly, in eval mode.
 
     ``family_name`` (a config name such as 'cosplace') skips detection; ``options`` override
     what detection infers (and pass file-level options such as OpenIBL's ``pca=PATH``).
+    The model gets ``zoo_description`` (what it is, in words).
     """
     path = _check_local(path)
     state = read_state(path)
