@@ -273,3 +273,17 @@ def test_zoo_transform_decodes_in_full_before_resizing(tmp_path):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     drafted = ImageListDataset([tmp_path / "a.jpg"], build_transform((32, 32), train=False, resize="bicubic"))[0][0]
     assert not torch.equal(drafted, expected)  # the fast path (wakd's own models) differs
+
+
+def test_torch_hub_loads_a_wakd_checkpoint_and_a_zoo_file(tmp_path):
+    from test_export import save_wakd_checkpoint
+
+    expected = save_wakd_checkpoint(tmp_path / "best.ckpt", "resnet18")
+    net = torch.hub.load(str(REPO), "wakd", ckpt=str(tmp_path / "best.ckpt"), source="local")
+    with torch.no_grad():
+        torch.testing.assert_close(net(IMAGES), expected(IMAGES))
+    torch.save(cosplace_state(64), tmp_path / "ResNet18_64_cosplace.pth")
+    published = torch.hub.load(str(REPO), "zoo", weights=str(tmp_path / "ResNet18_64_cosplace.pth"), source="local")
+    assert published.zoo_description == "CosPlace ResNet18, 64-d"
+    with pytest.raises(ValueError, match=r"not a wakd training checkpoint.*'zoo'"):
+        torch.hub.load(str(REPO), "wakd", ckpt=str(tmp_path / "ResNet18_64_cosplace.pth"), source="local")
