@@ -206,7 +206,11 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.skip_corrupt = skip_corrupt
         self.uint8 = uint8
         self.image_size: tuple[int, int] | None = getattr(transform, "image_size", None)
-        self.draft_size = self.image_size if getattr(transform, "draft", True) else None
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """The size JPEGs may be draft-decoded towards (None: decode in full)."""
+        return self.image_size if getattr(self.transform, "draft", True) else None
 
     def __len__(self) -> int:
         return len(self.paths)
