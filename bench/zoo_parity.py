@@ -109,11 +109,19 @@ def import_from(repo: Path, *modules: str) -> list[types.ModuleType]:
 
 @torch.no_grad()
 def randomise(model: nn.Module, images: torch.Tensor, seed: int) -> nn.Module:
-    """Perturb every parameter; BatchNorm statistics from one training-mode pass on ``images``."""
+    """Perturb every parameter, redraw NetVLAD's; BatchNorm statistics from one training-mode
+    pass on ``images``."""
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         scale = p.std() if p.numel() > 1 and p.std() > 0 else p.abs().mean().clamp_min(1.0)
         p.add_(torch.randn(p.shape, generator=gen) * 0.05 * scale)
+    for m in model.modules():
+        if isinstance(getattr(m, "centroids", None), nn.Parameter):
+            # NetVLAD: centroids at the scale of the L2-normalised features and a sharp
+            # assignment, so that the residuals (not the centroids) make the descriptor
+            k, dim = m.centroids.shape
+            m.centroids.copy_(torch.randn(k, dim, generator=gen) / dim**0.5)
+            m.conv.weight.copy_(torch.randn(m.conv.weight.shape, generator=gen) * 20 / dim**0.5)
     batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if batchnorms:
         for m in batchnorms:
