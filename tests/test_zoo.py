@@ -124,7 +124,7 @@ def test_published_layout_loads_strictly(case, tmp_path):
     detected = [(m.NAME, o) for m, o in zoo.detect(state)]
     assert (family, options) in detected
     model = zoo.load(path)
-    assert zoo.family(family).describe(options) == model.zoo_description
+    assert zoo.family_module(family).describe(options) == model.zoo_description
     with torch.no_grad():
         out = model(IMAGES)
     assert out.shape == (2, dim)
@@ -216,7 +216,7 @@ def test_wakd_checkpoint_is_pointed_to_ckpt(tmp_path):
 
 def test_unknown_family_lists_registered():
     with pytest.raises(ValueError, match="cosplace"):
-        zoo.family("netvlad2")
+        zoo.family_module("netvlad2")
 
 
 # -- configs and evaluation ----------------------------------------------------------------

@@ -42,7 +42,7 @@ class ZooLoadError(ValueError):
     """A weight file that no zoo family (or not the one asked for) can load."""
 
 
-def family(name: str) -> ModuleType:
+def family_module(name: str) -> ModuleType:
     """The family module ``wakd.zoo.<name>``; ValueError naming the registered ones otherwise."""
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}: choose one of {', '.join(FAMILIES)}")
@@ -98,7 +98,7 @@ def detect(state: Mapping[str, Tensor]) -> list[tuple[ModuleType, dict[str, Any]
     """Every registered family that recognises ``state``, with the options it infers."""
     found = []
     for name in FAMILIES:
-        module = family(name)
+        module = family_module(name)
         options = module.detect(state)
         if options is not None:
             found.append((module, options))
@@ -149,7 +149,7 @@ def _closest(state: Mapping[str, Tensor]) -> ModuleType | None:
     """The first family whose files use all the top-level names of ``state``."""
     names = set(_prefixes(state))
     for name in FAMILIES:
-        module = family(name)
+        module = family_module(name)
         if names <= set(getattr(module, "PREFIXES", ())):
             return module
     return None
@@ -169,17 +169,17 @@ def _mismatch_error(path: Path, state: Mapping[str, Tensor], module: ModuleType 
     return ZooLoadError(message)
 
 
-def load(path: str | os.PathLike | None, family_name: str | None = None, **options: Any) -> nn.Module:
+def load(path: str | os.PathLike | None, family: str | None = None, **options: Any) -> nn.Module:
     """The published model in ``path``, loaded strictly, in eval mode.
 
-    ``family_name`` (a config name such as 'cosplace') skips detection; ``options`` override
+    ``family`` (a config name such as 'cosplace') skips detection; ``options`` override
     what detection infers (and pass file-level options such as OpenIBL's ``pca=PATH``).
     The model gets ``zoo_description`` (what it is, in words).
     """
     path = _check_local(path)
     state = read_state(path)
-    if family_name is not None:
-        module = family(family_name)
+    if family is not None:
+        module = family_module(family)
         detected = module.detect(state)
         if detected is None:
             raise _mismatch_error(path, state, module, options)
