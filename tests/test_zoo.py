@@ -182,6 +182,13 @@ def test_other_family_names_the_right_config(tmp_path):
     assert "unexpected in file" in message and "backbone.0.weight" in message
 
 
+def test_file_without_batchnorm_counters_loads(tmp_path):
+    """Files saved before torch 1.1 lack num_batches_tracked; nothing else may be missing."""
+    state = {k: v for k, v in cosplace_state(64).items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old_cosplace.pth")
+    assert zoo.load(tmp_path / "old_cosplace.pth")(IMAGES).shape == (2, 64)
+
+
 def test_wrong_size_lists_mismatched_shapes(tmp_path):
     torch.save(cosplace_state(64), tmp_path / "cosplace.pth")
     with pytest.raises(zoo.ZooLoadError, match=r"aggregation\.3\.weight: file \(64, 512\) vs model \(128, 512\)"):

@@ -195,6 +195,8 @@ def load(path: str | os.PathLike | None, family: str | None = None, **options: A
     if hasattr(module, "prepare"):
         state, options = module.prepare(dict(state), options)
     model = module.build(**options)
+    # Files saved before torch 1.1 lack BatchNorm's num_batches_tracked (unused in eval).
+    state = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")} | state
     differences = key_differences(model, state)
     if differences:
         raise ZooLoadError(
