@@ -297,3 +297,17 @@ def test_torch_hub_loads_a_wakd_checkpoint_and_a_zoo_file(tmp_path):
     assert published.zoo_description == "CosPlace ResNet18, 64-d"
     with pytest.raises(ValueError, match=r"not a wakd training checkpoint.*'zoo'"):
         torch.hub.load(str(REPO), "wakd", ckpt=str(tmp_path / "ResNet18_64_cosplace.pth"), source="local")
+
+
+def test_export_a_zoo_model_to_onnx(tmp_path):
+    """python -m wakd.export model=cosplace model.weights=PATH: the ONNX file matches eager PyTorch."""
+    from test_export import export_cfg
+
+    from wakd.export import run as export
+
+    torch.save(cosplace_state(64), tmp_path / "ResNet18_64_cosplace.pth")
+    cfg = export_cfg(["model=cosplace", f"model.weights={tmp_path / 'ResNet18_64_cosplace.pth'}", "image_size=[64,64]"])
+    out = export(cfg)
+    assert out == tmp_path / "ResNet18_64_cosplace.onnx" and out.stat().st_size > 0
+    with pytest.raises(ValueError, match="ckpt=PATH is required"):
+        export(export_cfg([]))

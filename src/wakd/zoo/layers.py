@@ -60,7 +60,8 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.avg_pool2d(x.clamp(min=self.eps).pow(self.p), x.shape[-2:]).pow(1.0 / self.p)
+        # adaptive pooling (not avg_pool2d over x.shape) keeps H and W dynamic in ONNX
+        return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p)
 
 
 class Flatten(nn.Module):
