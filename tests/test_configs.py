@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import CONFIGS, REPO
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from wakd.jobs import train
@@ -61,6 +62,10 @@ def _instantiate(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
             made[key] = OmegaConf.to_container(cfg[key], resolve=True)
     for key in ("model", "teacher"):
         if key in keys and cfg.get(key) is not None:
+            if "zoo_family" in cfg[key]:  # a published model: without its file, one clear error
+                with pytest.raises(InstantiationException, match=rf"ZooLoadError.*{key}\.weights=PATH"):
+                    hydra.utils.instantiate(cfg[key].net)
+                continue
             made[key] = hydra.utils.instantiate(cfg[key].net)
     pretraining = "module" in cfg and cfg.module._target_.endswith("PlacePretrainModule")
     job = pretrain_job if pretraining else train

@@ -77,13 +77,22 @@ def export_descriptor_net(
 
 
 def run(cfg: DictConfig) -> Path:
-    """The ``python -m wakd.export`` job: build the network from ``ckpt``, export, report."""
-    net = build_net(model_config_for(cfg, cfg.ckpt), cfg.ckpt)
+    """The ``python -m wakd.export`` job: build the network from ``ckpt`` (or a published
+    model from ``model.weights``), export, report."""
+    if "zoo_family" in cfg.model:  # a published model (wakd.zoo): its file is model.weights
+        net, source = hydra.utils.instantiate(cfg.model.net), cfg.model.weights
+    elif cfg.ckpt is None:
+        raise ValueError(
+            "ckpt=PATH is required (a wakd checkpoint); a published model is exported with "
+            "model=<family> model.weights=PATH (docs/zoo.md)"
+        )
+    else:
+        net, source = build_net(model_config_for(cfg, cfg.ckpt), cfg.ckpt), cfg.ckpt
     if cfg.pca:
         if not isinstance(net, PlaceNet):
             raise ValueError(f"pca={cfg.pca}: {type(net).__name__} has no NetVLAD to whiten")
         net.pca = PCAWhitening.load(cfg.pca, in_dim=net.descriptor_dim)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_suffix(SUFFIXES[cfg.format])
+    out = Path(cfg.out) if cfg.out else Path(source).with_suffix(SUFFIXES[cfg.format])
     error = export_descriptor_net(net, out, cfg.format, tuple(cfg.image_size))
     print(
         f"wrote {out} ({cfg.format}, {getattr(net, 'descriptor_dim', '?')}-d descriptors, "

@@ -40,9 +40,13 @@ class ImageTransform:
         self,
         image_size: tuple[int, int] | None,
         steps: Sequence[Callable[[Image.Image], Image.Image]],
+        draft: bool = True,
     ) -> None:
         self.image_size = image_size  # (H, W), or None to keep each image's size
         self.compose = T.Compose(list(steps))  # PIL -> PIL
+        # JPEGs may be decoded at 1/2-1/8 scale before the resize (load_rgb); False decodes in
+        # full first, as published models' authors do.
+        self.draft = draft
 
     @property
     def only_resizes(self) -> bool:
@@ -73,18 +77,29 @@ def to_float(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
     return floats.div_(255)
 
 
+RESIZE_MODES = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+
 def build_transform(
     image_size: tuple[int, int] | None,
     train: bool,
     color_jitter: tuple[float, float, float, float] = (0.7, 0.7, 0.7, 0.5),
+    resize: str = "bilinear",
+    draft: bool = True,
 ) -> ImageTransform:
-    """Resize to ``image_size`` (H, W), colour-jitter when ``train``, to a 0-1 float tensor."""
+    """Resize to ``image_size`` (H, W) with PIL's ``resize`` filter ('bilinear' | 'bicubic';
+    'none' keeps each image's size), colour-jitter when ``train``, to a 0-1 float tensor.
+    ``draft=False`` decodes JPEGs in full before resizing (see ``ImageTransform``)."""
+    if resize == "none":
+        image_size = None
+    elif resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}: choose one of {', '.join([*RESIZE_MODES, 'none'])}")
     steps: list[Callable[[Image.Image], Image.Image]] = []
     if image_size is not None:
-        steps.append(T.Resize(tuple(image_size)))
+        steps.append(T.Resize(tuple(image_size), interpolation=RESIZE_MODES[resize]))
     if train:
         steps.append(T.ColorJitter(*color_jitter))
-    return ImageTransform(None if image_size is None else tuple(image_size), steps)
+    return ImageTransform(None if image_size is None else tuple(image_size), steps, draft)
 
 
 def load_rgb(path: str | os.PathLike, size_hint: tuple[int, int] | None = None) -> Image.Image:
@@ -192,6 +207,11 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.uint8 = uint8
         self.image_size: tuple[int, int] | None = getattr(transform, "image_size", None)
 
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """The size JPEGs may be draft-decoded towards (None: decode in full)."""
+        return self.image_size if getattr(self.transform, "draft", True) else None
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -201,7 +221,7 @@ class ImageListDataset(torch.utils.data.Dataset):
                 decoded = decode_jpeg_at_size(self.paths[i], self.image_size)
                 if decoded is not None:
                     return decoded, i, True
-            image = load_rgb(self.paths[i], self.image_size)
+            image = load_rgb(self.paths[i], self.draft_size)
         except ImageLoadError as exc:
             if not self.skip_corrupt:
                 raise

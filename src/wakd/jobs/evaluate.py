@@ -32,8 +32,28 @@ from wakd.models.place_net import PlaceNet
 from wakd.resolvers import file_digest
 
 
+def is_zoo_model(model: DictConfig) -> bool:
+    """A published model (``wakd.zoo``, configs/model/<family>.yaml), not a wakd network."""
+    return "zoo_family" in model
+
+
 def _transform(cfg: DictConfig):
+    if is_zoo_model(cfg.model):  # its authors' input size and resampling, from a full decode
+        size = cfg.model.image_size
+        return build_transform(
+            tuple(size) if size else None, train=False, resize=cfg.model.resize, draft=False
+        )
     return build_transform(tuple(cfg.dataset.image_size), train=False)
+
+
+@torch.no_grad()
+def descriptor_dim(net: torch.nn.Module, cfg: DictConfig) -> int:
+    """The net's descriptor size: its own record, else one forward pass of a grey image at
+    the evaluated size (published models: any fixed size they take)."""
+    if hasattr(net, "descriptor_dim"):
+        return int(net.descriptor_dim)
+    size = cfg.model.get("image_size") or cfg.dataset.image_size
+    return int(net(torch.full((1, 3, *size), 0.5)).shape[1])
 
 
 PCA_FIT_CHOICES = ("auto", "train", "database")
@@ -80,13 +100,14 @@ def pca_cache_path(cfg: DictConfig, source: str, root: str | Path, in_dim: int, 
     """
     root_digest = hashlib.sha256(str(Path(root).absolute()).encode()).hexdigest()[:8]
     key = f"{source}-{root_digest}-{in_dim}to{out_dim}-{cfg.pca_max_images}"
-    if cfg.ckpt:
-        ckpt = Path(cfg.ckpt)
+    weights = cfg.ckpt or (cfg.model.weights if is_zoo_model(cfg.model) else None)
+    if weights:
+        ckpt = Path(weights)
         return ckpt.with_name(f"{ckpt.stem}.pca-{file_digest(ckpt)}-{key}.safetensors")
     return Path(cfg.paths.log_dir) / "pca" / f"untrained-{cfg.model.name}-seed{cfg.seed}-{key}.safetensors"
 
 
-def fit_pca(net: PlaceNet, cfg: DictConfig, split: PlaceSplit, save: bool = True) -> tuple[PCAWhitening, str, Path]:
+def fit_pca(net: torch.nn.Module, cfg: DictConfig, split: PlaceSplit, save: bool = True) -> tuple[PCAWhitening, str, Path]:
     """PCA-whitening as ``pca_fit`` asks, for evaluating ``split``: (PCA, resolved pca_fit, file).
 
     Fitted on at most ``pca_max_images`` descriptors and cached (where ``save``: one of
@@ -94,7 +115,7 @@ def fit_pca(net: PlaceNet, cfg: DictConfig, split: PlaceSplit, save: bool = True
     queries being evaluated.
     """
     fit = resolve_pca_fit(cfg)
-    in_dim = net.descriptor_dim
+    in_dim = descriptor_dim(net, cfg)
     if fit not in PCA_FIT_CHOICES:
         return PCAWhitening.load(fit, in_dim=in_dim), fit, Path(fit)
     if fit == "train":
@@ -205,6 +226,9 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
     pca_fit, pca_file = None, None
     if cfg.pca and isinstance(net, PlaceNet):
         net.pca, pca_fit, pca_file = fit_pca(net, cfg, split, save=writer)
+    elif is_zoo_model(cfg.model) and cfg.model.pca:  # off unless model.pca=true
+        pca, pca_fit, pca_file = fit_pca(net, cfg, split, save=writer)
+        net = torch.nn.Sequential(net, pca)
     teacher = build_net(cfg.teacher, cfg.teacher.ckpt) if cfg.get("teacher") else None
     dim = getattr(net, "descriptor_dim", None)
     if not spec.exact and dim is not None:
@@ -223,7 +247,7 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
         # Where one dataset has several protocols (MSLS: msls-val vs msls-val-folder), which one.
         protocol=cfg.dataset.get("protocol", cfg.dataset.name),
         split=split.split,
-        checkpoint=cfg.ckpt,
+        checkpoint=cfg.ckpt or (cfg.model.weights if is_zoo_model(cfg.model) else None),
         num_queries=split.num_queries,
         num_database=split.num_db,
         descriptor_dim=int(result.q_desc.shape[1]),

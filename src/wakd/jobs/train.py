@@ -60,6 +60,12 @@ def build_teacher(cfg: DictConfig) -> tuple[PlaceNet | None, dict]:
     """The teacher network from ``teacher.ckpt`` (None for teacher=none) and what checkpoints record of it."""
     if cfg.get("teacher") is None:
         return None, {}
+    if "zoo_family" in cfg.teacher:
+        raise ValueError(
+            f"teacher={cfg.teacher.name}: distillation from a published model is not supported yet "
+            "(its config only builds it, for evaluation: eval.py model=<family> model.weights=PATH); "
+            "use a wakd teacher (teacher=vgg16 teacher.ckpt=PATH)"
+        )
     ckpt = Path(cfg.teacher.ckpt)
     teacher = build_net(cfg.teacher, str(ckpt))
     return teacher, {"name": cfg.teacher.name, "ckpt": str(ckpt), "sha256": file_digest(ckpt)}
