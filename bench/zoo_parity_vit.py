@@ -74,10 +74,20 @@ def local_dinov2(dinov2_dir: Path) -> Iterator[None]:
 
 
 def perturb(model: nn.Module, seed: int) -> None:
+    """Random weights; BatchNorm statistics measured on random images (default ones make a
+    random ResNet's output nearly image-independent, which would hide differences)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.02 * torch.randn(param.shape, generator=generator))
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if norms:
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # cumulative average over the calibration batch
+            model.train()
+            model(torch.rand(4, 3, 224, 224, generator=generator))
+            model.eval()
 
 
 def commit(repo: Path) -> str:
