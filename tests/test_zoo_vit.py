@@ -9,6 +9,7 @@ strictly into the wakd family and compared. Full-size parity: bench/zoo_parity_v
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from zoo_vit_states import synthetic_state
 
+from wakd.models.inference import export_onnx
 from wakd.zoo import boq, megaloc, salad
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "zoo_vit_parity.json").read_text())
@@ -30,6 +32,13 @@ EXPECTED_OPTIONS = {
     "boq_resnet18": {"backbone": "resnet18", "proj_channels": 64, "queries": 4, "layers": 2, "row_dim": 4,
                      "heads": 1},
 }  # fmt: skip
+
+
+def loaded(variant: str) -> torch.nn.Module:
+    family, state = FAMILY[variant], authors_state(variant)
+    model = family.build(**family.detect(state)).eval()
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def authors_state(variant: str) -> dict[str, torch.Tensor]:
@@ -91,3 +100,19 @@ def test_unknown_options_are_refused() -> None:
         salad.build(clusterz=4)
     with pytest.raises(ValueError, match="backbone"):
         boq.build(backbone="vgg16")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_onnx_export_runs_in_onnxruntime_at_its_export_size(variant: str) -> None:
+    """The graph is fixed to the size it was exported at: DINOv2's position-embedding resize,
+    the Sinkhorn masses and the attention reshapes are traced as constants."""
+    import onnxruntime
+
+    output = VARIANTS[variant]["outputs"][0]
+    generator = torch.Generator().manual_seed(VARIANTS[variant]["image_seed"])
+    images = torch.rand(2, 3, *output["size"], generator=generator)
+    buffer = io.BytesIO()
+    export_onnx(loaded(variant), images, buffer)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    assert (got - torch.tensor(output["descriptors"])).abs().max().item() <= 1e-4
