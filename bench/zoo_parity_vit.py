@@ -306,15 +306,33 @@ def load_published(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def wakd_zoo() -> ModuleType:
+    return importlib.import_module("wakd.zoo")
+
+
+def zoo_loader() -> Callable[[Path], nn.Module] | None:
+    """``wakd.zoo.load`` once the zoo core provides it (with these families registered)."""
+    return getattr(wakd_zoo(), "load", None)
+
+
 def compare(
     family: ModuleType, authors: nn.Module, file: str, sizes: list[tuple[int, int]], seed: int
 ) -> dict:
+    """The authors' model vs the family built from its saved file (detect + build + strict
+    load), and vs ``wakd.zoo.load`` of the same file (detection among all families) where
+    the zoo core has it."""
     perturb(authors, seed)
     authors.eval()
+    load = zoo_loader()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / file
         save_published(authors, path)
         state = load_published(path)
+        zoo_model = (
+            load(path)
+            if load is not None and family.NAME in getattr(wakd_zoo(), "FAMILIES", ())
+            else None
+        )
     options = family.detect(state)
     if options is None:
         raise SystemExit(f"{family.NAME}: detect() did not recognise the authors' {file}")
@@ -336,6 +354,10 @@ def compare(
                     got[:1], got[1:]
                 ).item(),
             }
+            if zoo_model is not None:
+                errors[f"{height}x{width}"]["zoo_load_max_abs_error"] = (
+                    (expected - zoo_model(images)).abs().max().item()
+                )
     return {"describe": family.describe(options), "options": options, "sizes": errors}
 
 

@@ -26,6 +26,8 @@ from wakd.zoo.dinov2 import PATCH, DinoViT, detect_vit, vit_name
 NAME = "boq"
 IMAGE_SIZE: tuple[int, int] | None = (384, 384)  # the hub's default backbone, ResNet50
 RESIZE = "bicubic"
+# Top-level key names of its files (the zoo names the closest family by them).
+PREFIXES = ("backbone", "aggregator")
 
 # Blocks in layer3 and whether they are bottlenecks: how a state dict tells ResNets apart.
 RESNET_LAYER3 = {

@@ -25,6 +25,8 @@ from wakd.zoo.salad import SaladAggregator, detect_aggregator
 NAME = "megaloc"
 IMAGE_SIZE: tuple[int, int] | None = None
 RESIZE = "none"
+# Top-level key names of its files (the zoo names the closest family by them).
+PREFIXES = ("backbone", "aggregator")
 
 
 class _Aggregator(nn.Module):

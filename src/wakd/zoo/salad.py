@@ -25,6 +25,8 @@ from wakd.zoo.dinov2 import PATCH, DinoViT, detect_vit, vit_name
 NAME = "salad"
 IMAGE_SIZE: tuple[int, int] | None = (322, 322)
 RESIZE = "bilinear"
+# Top-level key names of its files (the zoo names the closest family by them).
+PREFIXES = ("backbone", "aggregator")
 
 SINKHORN_ITERATIONS = 3
 
