@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"allocator", "atomic", "distributed", "knn", "pretrained", "resolvers"},
     {"store", "ann"},
     {"models", "losses", "data"},
-    {"describe"},
+    {"describe", "zoo"},
     {"eval"},
     {"modules"},
     {"jobs", "cli", "export", "report", "synth"},

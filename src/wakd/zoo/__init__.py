@@ -33,6 +33,9 @@ FAMILIES: tuple[str, ...] = (
     "dvglb",
     "netvlad_pytorch",
     "mixvpr",
+    "salad",
+    "boq",
+    "megaloc",
 )
 _MAX_LISTED = 8
 _WRAPPERS = ("state_dict", "model_state_dict", "model")  # Lightning / OpenIBL, DVGLB, others
