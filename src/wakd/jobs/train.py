@@ -13,7 +13,6 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from wakd.allocator import retain_freed_memory
 from wakd.distributed import check_shared_run_dir, external_launcher
 from wakd.jobs.cluster import compute_centroids, init_netvlad
 from wakd.jobs.common import build_net, ensure_dataset, file_digest
@@ -89,8 +88,6 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     check_launch(cfg)
-    if cfg.train.get("retain_freed_memory", True):
-        retain_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
