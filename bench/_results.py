@@ -1,5 +1,9 @@
 """Shared helper for benchmarks: merge numbers into bench/results.json and
-replace one delimited section of bench/RESULTS.md, leaving everything else alone."""
+replace one delimited section of bench/RESULTS.md, leaving everything else alone.
+
+results.json maps each key to ``{"value", "date", "machine", "load"}``: when, where and
+under what load average (1, 5, 15 min) that figure was measured. Every merge also
+rewrites RESULTS.md's ``current`` section, the table of all of them."""
 
 from __future__ import annotations
 
@@ -36,8 +40,8 @@ def _locked() -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def machine() -> str:
-    """One line naming the CPU, its core count and today's date (UTC)."""
+def machine_name() -> str:
+    """The CPU and its core count."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -47,16 +51,57 @@ def machine() -> str:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{cpu}, {cores} cores, {date}"
+    return f"{cpu}, {cores} cores"
 
 
-def merge_results(values: dict[str, Any], path: Path = RESULTS_JSON) -> None:
-    """Add or overwrite ``values`` in the results JSON, keeping the other keys."""
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def machine() -> str:
+    """One line naming the CPU, its core count and the time (UTC)."""
+    return f"{machine_name()}, {now()}"
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def merge_results(
+    values: dict[str, Any], path: Path = RESULTS_JSON, load: str | None = None, md_path: Path | None = None
+) -> None:
+    """Add or overwrite ``values`` in the results JSON with today's date, this machine and
+    ``load`` (the load average while they were measured; default: now), keeping the other
+    keys; then rewrite the current table (in ``md_path``, default RESULTS.md beside ``path``)."""
+    stamp = {"date": now(), "machine": machine_name(), "load": load or load_average()}
     with _locked():
         results = json.loads(path.read_text()) if path.exists() else {}
-        results.update(values)
+        results.update({key: {"value": value, **stamp} for key, value in values.items()})
         atomic_write_json(path, results)
+    replace_section("current", current_table(results), md_path or path.with_name(RESULTS_MD.name))
+
+
+def current_table(results: dict[str, dict[str, Any]]) -> str:
+    """The Markdown table of every figure in results.json with its provenance."""
+    rows = "\n".join(
+        f"| `{key}` | {entry['value']} | {entry['date']} | {entry['machine']} | {entry['load']} |"
+        for key, entry in sorted(results.items())
+    )
+    return f"""
+## Current figures (bench/results.json)
+
+Each figure as last measured: when, on what, and the load average (1, 5, 15 min) of the
+shared cores. How each is defined: its script's section in the log below.
+
+| key | value | measured | machine | load |
+|---|---:|---|---|---|
+{rows}
+"""
+
+
+def values(path: Path = RESULTS_JSON) -> dict[str, Any]:
+    """results.json's figures without their provenance: key -> value."""
+    return {key: entry["value"] for key, entry in json.loads(path.read_text()).items()}
 
 
 def replace_section(tag: str, body: str, path: Path = RESULTS_MD) -> None:

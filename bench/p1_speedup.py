@@ -129,7 +129,8 @@ def main() -> None:
             "p1_teacher_images_per_second": round(speed["teacher"], 3),
             "p1_student_eager_images_per_second": round(speed["student_eager"], 2),
             "p1_max_abs_error": float(f"{error:.2e}"),
-        }
+        },
+        load=f"{load_start} at the start",
     )
     rows = "\n".join(
         f"| {label} | {speed[key]:.2f} | {' '.join(f'{BATCH / t:.2f}' for t in times[key])} |"

@@ -182,7 +182,8 @@ def main() -> None:
             "p2_demo_efficiency": round(efficiency["demo"], 3),
             "p2_forward_images_per_second": round(results["480x640"]["forward"], 2),
             "p2_extraction_images_per_second": round(results["480x640"][headline], 2),
-        }
+        },
+        load=f"{load_start} -> {load_end}",
     )
     rows = "\n".join(
         f"| {case} | {name} | {speed:.2f} | {speed / r['forward']:.2f} |"

@@ -123,7 +123,8 @@ def main() -> None:
             "p3_wakd_cache_step_seconds": round(median["wakd_cache"], 4),
             "p3_wakd_live_step_seconds": round(median["wakd_live"], 4),
             "p3_cache_fill_seconds_per_image": round(fill_per_image, 4),
-        }
+        },
+        load=f"{load_start} at the start",
     )
     rows = "\n".join(
         f"| {label} | {median[key]:.3f} | {median[key] / median['plain']:.2f} | "

@@ -202,7 +202,7 @@ def main() -> None:
     print(f"check on N={sizes[-1]}: identical top-{K} rows {same_rows:.4%}, same recall {same_recall}")
     if args.no_write:
         return
-    merge_results(results)
+    merge_results(results, load=f"{load:.1f} at the start")
     ref_lines = "\n".join(
         f"| reference, N = {n:,} ({100 * n / NUM_DB:.0f} %) | {median_of(ref[n], 'seconds'):.1f} | "
         f"{median_of(ref[n], 'cpu_seconds'):.1f} | "

@@ -259,7 +259,7 @@ def main() -> None:
     if (args.num_db, args.num_q) != (NUM_DB, NUM_Q):
         print(f"not written: bench/results.* hold the full size ({NUM_DB:,} x {NUM_Q:,}) only")
         return
-    merge_results(results)
+    merge_results(results, load=f"{load:.1f} at the start")
     rows = []
     for mode, label in (("exact-ram", "exact (`knn_search`), store in RAM"),
                         ("exact-disk", "exact (`knn_search`), store memory-mapped")):

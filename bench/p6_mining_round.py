@@ -13,9 +13,7 @@ at stride 16, 1x1 -> 128, NetVLAD-32: 4,096-d), random weights with k-means NetV
 Two rounds are timed: generation 0 (no re-ranking) and a later generation (positives
 re-ranked by the k-reciprocal distance over all training images, SFRS's rule from
 generation 1 on: most rounds of a fit); the headline is the later one. Describing alone
-and both rounds run interleaved in one process; medians. Goal <= 1.2. The process keeps
-freed memory for reuse as training does (``retain_freed_memory``; ``--no-retain``:
-glibc's defaults).
+and both rounds run interleaved in one process; medians. Goal <= 1.2.
 Writes p6_* keys into bench/results.json and the <!-- p6 --> section of RESULTS.md.
 """
 
@@ -33,7 +31,6 @@ import numpy as np
 import torch
 from p1_speedup import THREADS, init_netvlad, load_average
 
-from wakd.allocator import retain_freed_memory
 from wakd.data.datamodule import split_images
 from wakd.data.datasets import PlaceSplit, load_split
 from wakd.data.images import build_transform
@@ -93,12 +90,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed repetitions after a warm-up (a round varies by 0.3 s here)")
     ap.add_argument("--root", type=Path, help="a demo city's .mat folder (default: the project's, or a new one)")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/results.*")
-    ap.add_argument("--no-retain", dest="retain", action="store_false",
-                    help="the C library's allocator defaults (retain_freed_memory=false)")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    retained = retain_freed_memory() if args.retain else False  # as train.py does (retain_freed_memory)
     with tempfile.TemporaryDirectory(prefix="wakd-p6-") as tmp:
         root = args.root or demo_root(Path(tmp))
         split = load_split("synthcity", root, "train")
@@ -131,7 +125,7 @@ def main() -> None:
         "p6_mining_round_ratio": round(ratio, 3),
         "p6_mining_round_ratio_gen0": round(ratio_gen0, 3),
         "p6_describe_seconds": round(describe, 2),
-    })  # fmt: skip
+    }, load=f"{load_start} -> {load_end}")  # fmt: skip
     rows = "\n".join(
         f"| {name} | {medians[name]:.2f} | {medians[name] / describe:.2f} | {' '.join(f'{x:.2f}' for x in t)} |"
         for name, t in times.items()
@@ -150,8 +144,7 @@ images, {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}); the demo's student (MobileNetV3-L at s
 `num_workers={WORKERS}`. A round = what `TupleMining.mine` does: describe every training
 image, then `TupleMiner.mine` {QUERIES:,} queries (`tuples.yaml`: 1,000 negative
 candidates + last round's hardest per query, pools of 20 positives, re-ranking k1 = 20,
-k2 = 1, lambda = 0.1). Median of {args.rounds} after a warm-up. Freed memory kept in the
-process as in training (`retain_freed_memory`): {"yes" if retained else "no"}.
+k2 = 1, lambda = 0.1). Median of {args.rounds} after a warm-up.
 
 | run | median s | / describe | s per repetition |
 |---|---:|---:|---|

@@ -19,7 +19,6 @@ from wakd.data.images import (
     ImageLoadError,
     build_transform,
     decode_jpeg_at_size,
-    jpeg_frame,
     load_rgb,
     to_float,
     uint8_images,
@@ -385,21 +384,21 @@ def test_corrupt_images_raise_or_are_skipped(
     assert issubclass(ImageLoadError, OSError)
 
 
-def test_jpeg_frame_header_of_progressive_and_exif_jpegs(tmp_path: Path) -> None:
-    """The frame header is found behind APP segments (EXIF) and in progressive JPEGs, and such
-    files at the target size decode by torchvision to PIL's pixels."""
+def test_jpeg_fast_path_for_progressive_and_exif_jpegs(tmp_path: Path) -> None:
+    """JPEGs with APP segments (EXIF) or progressive scans at the target size decode by
+    torchvision to PIL's pixels; CMYK, other formats and truncated files are left to PIL."""
     pixels = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x010E] = "x" * 3000  # ImageDescription: a long APP1 segment before the frame
     Image.fromarray(pixels).save(tmp_path / "exif.jpg", quality=90, exif=exif)
     Image.fromarray(pixels).save(tmp_path / "prog.jpg", quality=90, progressive=True)
     Image.fromarray(pixels).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    (tmp_path / "truncated.jpg").write_bytes(b"\xff\xd8\xff")
     for name in ("exif.jpg", "prog.jpg"):
-        assert jpeg_frame((tmp_path / name).read_bytes()) == (48, 64, 3)
         decoded = decode_jpeg_at_size(tmp_path / name, (48, 64))
         pil = torch.from_numpy(np.array(load_rgb(tmp_path / name))).permute(2, 0, 1)
         assert decoded is not None and torch.equal(decoded, pil)
-    assert jpeg_frame((tmp_path / "cmyk.jpg").read_bytes())[2] == 4
-    assert decode_jpeg_at_size(tmp_path / "cmyk.jpg", (48, 64)) is None  # PIL converts CMYK
-    assert jpeg_frame(b"\x89PNG\r\n") is None and jpeg_frame(b"\xff\xd8\xff") is None
-    assert decode_jpeg_at_size(tmp_path / "missing.jpg", (48, 64)) is None  # load_rgb names it
+        assert decode_jpeg_at_size(tmp_path / name, (64, 48)) is None  # another size: PIL resizes
+    for name in ("cmyk.jpg", "image.png", "truncated.jpg", "missing.jpg"):  # PIL converts or names it
+        assert decode_jpeg_at_size(tmp_path / name, (48, 64)) is None

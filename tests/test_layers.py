@@ -1,7 +1,7 @@
 """The packages form layers: each imports only the layers below it, never a peer or one above.
 
-    utilities   allocator, atomic, distributed, (no wakd imports)
-                knn, pretrained, resolvers
+    utilities   atomic, distributed, knn,      (no wakd imports)
+                pretrained, resolvers
     storage     store, ann                     (descriptor store, search by config: on the utilities)
     foundations models, losses, data           (models know nothing of datasets, losses are
                                                 pure functions of tensors, data knows no network)
@@ -25,7 +25,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "wakd"
 
 LAYERS: list[set[str]] = [
-    {"allocator", "atomic", "distributed", "knn", "pretrained", "resolvers"},
+    {"atomic", "distributed", "knn", "pretrained", "resolvers"},
     {"store", "ann"},
     {"models", "losses", "data"},
     {"describe", "zoo"},

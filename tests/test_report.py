@@ -125,11 +125,19 @@ def _bench_results_module():
 def test_bench_helper_merges_keys_and_replaces_own_section(tmp_path):
     helper = _bench_results_module()
     js, md = tmp_path / "results.json", tmp_path / "RESULTS.md"
-    js.write_text(json.dumps({"other": 1, "p4_recall_seconds": 99}))
-    helper.merge_results({"p4_recall_seconds": 30.5}, path=js)
-    assert json.loads(js.read_text()) == {"other": 1, "p4_recall_seconds": 30.5}
-
+    old = {"value": 1, "date": "2026-01-01 00:00 UTC", "machine": "elsewhere", "load": "0.1"}
+    js.write_text(json.dumps({"other": old, "p4_recall_seconds": {**old, "value": 99}}))
     md.write_text("# R\n\n<!-- p3 -->\nkeep me\n<!-- /p3 -->\n")
+    helper.merge_results({"p4_recall_seconds": 30.5}, path=js, load="2.0 at the start")
+    merged = json.loads(js.read_text())
+    assert merged["other"] == old  # other keys keep their own provenance
+    assert merged["p4_recall_seconds"]["value"] == 30.5 and merged["p4_recall_seconds"]["load"] == "2.0 at the start"
+    assert merged["p4_recall_seconds"]["machine"] in helper.machine() and merged["p4_recall_seconds"]["date"] != old["date"]
+    assert helper.values(js) == {"other": 1, "p4_recall_seconds": 30.5}
+    table = md.read_text()  # the current table, rewritten by the merge
+    assert "| `p4_recall_seconds` | 30.5 |" in table and "| `other` | 1 | 2026-01-01 00:00 UTC | elsewhere | 0.1 |" in table
+    assert "keep me" in table
+
     helper.replace_section("p4", "first", path=md)
     helper.replace_section("p4", "second", path=md)
     text = md.read_text()

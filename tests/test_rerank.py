@@ -87,8 +87,7 @@ def test_knn_graph_chunks_agree_with_full_sort() -> None:
 
 
 def test_knn_graph_in_one_block_of_several_stripes() -> None:
-    """600 rows: one diagonal block (syrk, its triangle mirrored in 256-row stripes and a
-    remainder), the same neighbours as a full sort."""
+    """600 rows: one diagonal block, the same neighbours as a full sort."""
     x = torch.randn(600, 16)
     d, i, row_max, _ = knn_graph(x.numpy(), 5)
     full = torch.cdist(x.double(), x.double()).pow(2)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
-from scipy.linalg.blas import sgemm, ssyrk
+from scipy.linalg.blas import sgemm
 
 __all__ = [
     "KnnGraph",
@@ -100,12 +100,6 @@ def _tiled_search(
     dim = database.shape[1]
     xb_buf = np.empty((min(db_chunk, num_db), dim), dtype=np.float32)
     xq_buf = np.empty((min(q_chunk, num_q), dim), dtype=np.float32)
-    # Queries that fit in one chunk (Pitts250k-test's 8,280 do) are converted once, not
-    # once per database chunk: numpy's fp16 -> fp32 cast runs on one core.
-    xq_all = None
-    if num_q <= q_chunk:
-        xq_buf[:] = queries
-        xq_all = xq_buf if q_map is None else q_map(xq_buf)
 
     # Outer loop over the database so each fp32 database chunk is built once;
     # the running top-k of all queries ([Q,k]) is small next to it.
@@ -115,12 +109,9 @@ def _tiled_search(
         xb_searched = xb if db_map is None else db_map(xb)
         kk = min(k, xb.shape[0])
         for q0 in range(0, num_q, q_chunk):
-            if xq_all is not None:
-                xq = xq_searched = xq_all
-            else:
-                xq = xq_buf[: min(q_chunk, num_q - q0)]  # [q,D]
-                xq[:] = queries[q0 : q0 + xq.shape[0]]
-                xq_searched = xq if q_map is None else q_map(xq)
+            xq = xq_buf[: min(q_chunk, num_q - q0)]  # [q,D]
+            xq[:] = queries[q0 : q0 + xq.shape[0]]
+            xq_searched = xq if q_map is None else q_map(xq)
             score, idx = tile_search(xq_searched, xb_searched, kk)  # [q,kk]
             rows = slice(q0, q0 + xq.shape[0])
             out_score[rows], out_idx[rows] = _merge_topk(
@@ -137,7 +128,7 @@ def knn_search(
     queries: np.ndarray,
     k: int,
     db_chunk: int = 16384,
-    q_chunk: int = 16384,
+    q_chunk: int = 4096,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest database rows of every query by squared L2 distance.
@@ -147,8 +138,7 @@ def knn_search(
         queries: [Q,D] float16 or float32.
         k: neighbours per query; clamped to N.
         db_chunk: database rows converted to fp32 at a time (16384 x 4096-d = 256 MiB).
-        q_chunk: query rows converted to fp32 at a time; up to this many queries are
-            converted once for the whole search, more once per database chunk.
+        q_chunk: query rows converted to fp32 at a time (once per database chunk).
         use_gpu: search tiles on a faiss GPU; None picks it when available.
 
     Returns:
@@ -358,9 +348,7 @@ def _cpu_graph(
     distances as faiss's formula computes them.
 
     Blocks of ``rows`` rows: each distance block (I, J >= I) is one sgemm adding -2 <a, b>
-    onto |a|^2 + |b|^2 (faiss's formula, same order of operations; on the diagonal, I = J,
-    one syrk of half the multiply-adds, its triangle mirrored: all of the demo city's
-    training images are one block) and feeds faiss's heaps
+    onto |a|^2 + |b|^2 (faiss's formula, same order of operations) and feeds faiss's heaps
     of rows I and, transposed, of rows J: a max-heap of the k nearest and a min-heap of the
     farthest. Every row sees the column blocks in index order and a heap only takes
     strictly better values, so among equal distances the lower index is kept.
@@ -402,11 +390,7 @@ def _cpu_graph(
             np.add(norms_a[:, None], norms_b[None, :], out=dist)
             # BLAS is column-major: dist.T, xb.T and xa.T are Fortran arrays without a
             # copy, and BLAS fills dist.T in place (overwrite_c).
-            if j0 == i0:  # a diagonal block is symmetric: syrk does half of sgemm's work
-                dist = ssyrk(-2.0, xa.T, beta=1.0, c=dist.T, trans=1, overwrite_c=1).T
-                _mirror_lower(dist)
-            else:
-                dist = sgemm(-2.0, xb.T, xa.T, beta=1.0, trans_a=1, c=dist.T, overwrite_c=1).T
+            dist = sgemm(-2.0, xb.T, xa.T, beta=1.0, trans_a=1, c=dist.T, overwrite_c=1).T
             for heaps in (near, far):
                 heaps.addn(len(xb), faiss.swig_ptr(dist), j0, i0, len(xa))
             if pair_d is not None:
@@ -423,20 +407,5 @@ def _cpu_graph(
 def _group_by(labels: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions of ``labels`` [P] (in 0..num_labels-1) grouped by label, and where each
     label's group starts [num_labels + 1]: group g is order[starts[g] : starts[g + 1]]."""
-    if num_labels == 1:  # the demo city's training split is one block: no sort at all
-        return np.arange(len(labels)), np.array([0, len(labels)])
-    # A stable sort of 16-bit keys is numpy's radix sort: ~8x faster than of int64 on 1M pairs.
-    keys = labels.astype(np.uint16) if num_labels <= 2**16 else labels
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(labels, kind="stable")
     return order, np.searchsorted(labels[order], np.arange(num_labels + 1))
-
-
-def _mirror_lower(square: np.ndarray, stripe: int = 256) -> None:
-    """Copy the lower triangle of a C-ordered square matrix onto its upper one, in place,
-    stripe by stripe (transposed copies of cache-sized blocks, no index arrays)."""
-    n = len(square)
-    for r0 in range(0, n, stripe):
-        r1 = min(r0 + stripe, n)
-        square[r0:r1, r1:] = square[r1:, r0:r1].T
-        diagonal = square[r0:r1, r0:r1]
-        diagonal[...] = np.tril(diagonal) + np.tril(diagonal, -1).T

@@ -25,8 +25,9 @@ step 1) is ~20 T multiply-adds per mining round on a GPU (two searches), ~5 T on
 Differences to OpenIBL's ``re_ranking`` (which builds and argsorts the full matrix): that
 one squares the distances it is given and OpenIBL gives it squared distances already, so
 its d is the 4th power of the L2 distance; here d is the squared L2 distance, as in
-Zhong et al.'s own code. OpenIBL's SFRS calls it with k1=20, k2=1, lambda=0.1; the
-defaults here are the paper's (k1=20, k2=6, lambda=0.3).
+Zhong et al.'s own code. The defaults here are OpenIBL's SFRS settings (k1=20, k2=1,
+lambda=0.1, as ``configs/datamodule/tuples.yaml``); Zhong et al.'s paper uses k1=20, k2=6,
+lambda=0.3.
 """
 
 from __future__ import annotations

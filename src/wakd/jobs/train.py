@@ -15,7 +15,6 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from wakd.allocator import retain_freed_memory
 from wakd.data.datamodule import TupleDataModule
 from wakd.distributed import check_shared_run_dir, external_launcher
 from wakd.jobs.cluster import compute_centroids, init_netvlad
@@ -118,8 +117,6 @@ def module_factory(cfg: DictConfig) -> Callable[..., L.LightningModule]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     check_launch(cfg)
-    if cfg.retain_freed_memory:
-        retain_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     check_writable(output_dir)
