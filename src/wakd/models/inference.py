@@ -63,16 +63,22 @@ def export_onnx(net: nn.Module, example: Tensor, f: str | os.PathLike | io.Bytes
         # Deprecation notices of the TorchScript-based exporter: nothing a user can act on.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
-        torch.onnx.export(
-            net.eval(),
-            (example,),
-            f,
-            opset_version=ONNX_OPSET,
-            input_names=["images"],
-            output_names=["descriptors"],
-            dynamic_axes=axes,
-            dynamo=False,
-        )
+        # nn.TransformerEncoderLayer's fused inference kernel has no ONNX form (BoQ uses it).
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.onnx.export(
+                net.eval(),
+                (example,),
+                f,
+                opset_version=ONNX_OPSET,
+                input_names=["images"],
+                output_names=["descriptors"],
+                dynamic_axes=axes,
+                dynamo=False,
+            )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 class OnnxDescriptorNet(nn.Module):

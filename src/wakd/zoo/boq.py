@@ -77,6 +77,7 @@ class BoQAggregator(nn.Module):
         self.norm_input = nn.LayerNorm(proj_channels)
         self.boqs = nn.ModuleList(BoQBlock(proj_channels, queries, heads) for _ in range(layers))
         self.fc = nn.Linear(layers * queries, row_dim)
+        self.dim = proj_channels * row_dim
 
     def forward(self, features: Tensor) -> Tensor:
         tokens = self.norm_input(self.proj_c(features).flatten(2).transpose(1, 2))  # [B, hw, d]
@@ -85,7 +86,8 @@ class BoQAggregator(nn.Module):
             tokens, out = block(tokens)
             outs.append(out)
         rows = self.fc(torch.cat(outs, dim=1).transpose(1, 2))  # [B, d, row_dim]
-        return F.normalize(rows.flatten(1), dim=-1)
+        # reshape to the constant size (not flatten): ONNX exports then know the descriptor size
+        return F.normalize(rows.reshape(-1, self.dim), dim=-1)
 
 
 class _DinoBackbone(nn.Module):

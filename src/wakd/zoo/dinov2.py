@@ -61,6 +61,9 @@ class DinoViT(VisionTransformer):
 
     def position_embedding(self, rows: int, cols: int) -> Tensor:
         """[1, 1 + rows * cols, C]: the stored embedding resized as DINOv2 resizes it."""
+        # Plain ints even while an ONNX export traces (shapes are tensors then): the resized
+        # embedding becomes a constant of the export size, the one size such a graph serves.
+        rows, cols = int(rows), int(cols)
         grid = self.pos_embed.shape[1] - 1
         side = math.isqrt(grid)
         if grid == rows * cols and rows == cols:

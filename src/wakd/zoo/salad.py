@@ -83,13 +83,15 @@ class SaladAggregator(nn.Module):
         self.cluster_features = _two_layer_conv(channels, hidden, cluster_dim)
         self.score = _two_layer_conv(channels, hidden, clusters)
         self.dust_bin = nn.Parameter(torch.tensor(1.0))
+        self.cluster_dims = clusters * cluster_dim
 
     def forward(self, patches: Tensor, cls_token: Tensor) -> Tensor:
         features = self.cluster_features(patches).flatten(2)  # [B, l, n]
         weights = _sinkhorn_assignment(self.score(patches).flatten(2), self.dust_bin)  # [B, m, n]
         clusters = F.normalize(torch.einsum("bln,bmn->blm", features, weights), dim=1)  # [B, l, m]
         token = F.normalize(self.token_features(cls_token), dim=-1)
-        return F.normalize(torch.cat((token, clusters.flatten(1)), dim=-1), dim=-1)
+        # reshape to the constant size (not flatten): ONNX exports then know the descriptor size
+        return F.normalize(torch.cat((token, clusters.reshape(-1, self.cluster_dims)), dim=-1), dim=-1)
 
 
 def detect_aggregator(state: Mapping[str, Tensor], prefix: str) -> dict[str, int] | None:
