@@ -24,6 +24,7 @@ from wakd.models.place_net import PlaceNet
 from wakd.modules.place_module import PlaceModule
 from wakd.pretrained import check_start_files
 from wakd.resolvers import file_digest
+from wakd.zoo import ZooTeacher
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -56,16 +57,19 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     )
 
 
-def build_teacher(cfg: DictConfig) -> tuple[PlaceNet | None, dict]:
-    """The teacher network from ``teacher.ckpt`` (None for teacher=none) and what checkpoints record of it."""
+def build_teacher(cfg: DictConfig) -> tuple[PlaceNet | ZooTeacher | None, dict]:
+    """The teacher network (None for teacher=none) and what checkpoints record of it: a wakd
+    place network from ``teacher.ckpt``, or a published model from ``teacher.weights``
+    (configs/teacher/<family>.yaml), which sees the images at its ``teacher.image_size``."""
     if cfg.get("teacher") is None:
         return None, {}
     if "zoo_family" in cfg.teacher:
-        raise ValueError(
-            f"teacher={cfg.teacher.name}: distillation from a published model is not supported yet "
-            "(its config only builds it, for evaluation: eval.py model=<family> model.weights=PATH); "
-            "use a wakd teacher (teacher=vgg16 teacher.ckpt=PATH)"
-        )
+        model = hydra.utils.instantiate(cfg.teacher.net)
+        size = cfg.teacher.image_size
+        teacher = ZooTeacher(model, tuple(size) if size else None, cfg.teacher.resize)
+        weights = Path(cfg.teacher.weights)
+        return teacher, {"name": cfg.teacher.name, "ckpt": str(weights), "sha256": file_digest(weights),
+                         "description": teacher.description}
     ckpt = Path(cfg.teacher.ckpt)
     teacher = build_net(cfg.teacher, str(ckpt))
     return teacher, {"name": cfg.teacher.name, "ckpt": str(ckpt), "sha256": file_digest(ckpt)}
