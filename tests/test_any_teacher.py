@@ -271,3 +271,12 @@ def test_boq_run_with_the_cache_and_teacher_mining(tiny_data_dir: Path, tmp_path
     (cache,) = caches
     assert cache.table.dtype == torch.float16 and cache.map_size == (4, 5)
     assert cache.similarity_dim == 64 * 4  # BoQ's proj_channels x row_dim
+
+
+@pytest.mark.parametrize("weights", [None, "missing.pth"])
+def test_a_missing_published_teacher_file_fails_before_any_data(weights: str | None, tmp_path: Path) -> None:
+    overrides = ["model=mobilenetv3_large", "model.weights=null", "teacher=salad", f"teacher.weights={weights or 'null'}"]
+    cfg = compose_cfg("train", overrides, tmp_path / "no-data", tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"teacher=salad: published weight file .* teacher.weights=PATH"):
+        train.run(cfg)
+    assert not (tmp_path / "no-data").exists()
