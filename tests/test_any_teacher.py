@@ -280,3 +280,19 @@ def test_a_missing_published_teacher_file_fails_before_any_data(weights: str | N
     with pytest.raises(FileNotFoundError, match=r"teacher=salad: published weight file .* teacher.weights=PATH"):
         train.run(cfg)
     assert not (tmp_path / "no-data").exists()
+
+
+def test_eval_draws_a_published_teachers_map_beside_the_models(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wakd.jobs import evaluate
+
+    drawn = {}
+    monkeypatch.setattr(evaluate, "plot_attention", lambda path, images, maps: drawn.update(maps))
+    weights = PUBLISHED["salad"][0](tmp_path)
+    overrides = ["dataset=synthcity", "dataset.image_size=[64,86]", "dataset.generate.preset=tiny", "pca=false",
+                 "num_workers=0", "model=resnet18", "model.weights=null", "model.net.num_clusters=8",
+                 "teacher=salad", f"teacher.weights={weights}"]
+    evaluate.run(compose_cfg("eval", overrides, tiny_data_dir, tmp_path / "run"))
+    assert [m.shape for m in drawn["teacher"]] == [(23, 23)] * 4  # 322x322 in 14-pixel patches
+    assert [m.shape for m in drawn["model"]] == [(4, 6)] * 4

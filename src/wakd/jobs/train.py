@@ -19,7 +19,7 @@ from wakd.allocator import retain_freed_memory
 from wakd.data.datamodule import TupleDataModule
 from wakd.distributed import check_shared_run_dir, external_launcher
 from wakd.jobs.cluster import compute_centroids, init_netvlad
-from wakd.jobs.common import build_net, ensure_dataset
+from wakd.jobs.common import build_teacher_net, ensure_dataset
 from wakd.models.place_net import PlaceNet
 from wakd.modules.place_module import PlaceModule
 from wakd.pretrained import check_start_files
@@ -63,15 +63,12 @@ def build_teacher(cfg: DictConfig) -> tuple[PlaceNet | ZooTeacher | None, dict]:
     (configs/teacher/<family>.yaml), which sees the images at its ``teacher.image_size``."""
     if cfg.get("teacher") is None:
         return None, {}
-    if "zoo_family" in cfg.teacher:
-        model = hydra.utils.instantiate(cfg.teacher.net)
-        size = cfg.teacher.image_size
-        teacher = ZooTeacher(model, tuple(size) if size else None, cfg.teacher.resize)
+    teacher = build_teacher_net(cfg.teacher)
+    if isinstance(teacher, ZooTeacher):
         weights = Path(cfg.teacher.weights)
         return teacher, {"name": cfg.teacher.name, "ckpt": str(weights), "sha256": file_digest(weights),
                          "description": teacher.description}
     ckpt = Path(cfg.teacher.ckpt)
-    teacher = build_net(cfg.teacher, str(ckpt))
     return teacher, {"name": cfg.teacher.name, "ckpt": str(ckpt), "sha256": file_digest(ckpt)}
 
 
