@@ -91,6 +91,49 @@ def test_targets_are_the_published_descriptor_and_a_map_on_its_own_grid(variant:
     assert not torch.allclose(spatial_map[0], spatial_map[1])
 
 
+@pytest.mark.parametrize("variant", ["boq_dinov2", "boq_resnet18"])
+def test_boq_map_is_where_its_queries_attend(variant: str, tmp_path: Path) -> None:
+    """M_n = mean over blocks b and queries q of softmax_n(<W_Q q, W_K t_n> / sqrt(d_h)), heads averaged."""
+    model = _teacher(variant, tmp_path).model
+    inputs = []
+    for block in model.aggregator.boqs:
+        block.cross_attn.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0], args[1])))
+    images = torch.rand(2, 3, *PUBLISHED[variant][1])
+    with torch.no_grad():
+        _, spatial_map = model.distill_targets(images)
+        per_block = []
+        for attention, queries, tokens in inputs:
+            heads, dim = attention.num_heads, attention.embed_dim
+            w_q, w_k, _ = attention.in_proj_weight.chunk(3)
+            b_q, b_k, _ = attention.in_proj_bias.chunk(3)
+            q = (queries @ w_q.T + b_q).unflatten(-1, (heads, dim // heads)).transpose(1, 2)  # [B, heads, Q, d_h]
+            k = (tokens @ w_k.T + b_k).unflatten(-1, (heads, dim // heads)).transpose(1, 2)  # [B, heads, N, d_h]
+            alpha = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)  # [B, heads, Q, N]
+            per_block.append(alpha.mean(dim=(1, 2)))
+    expected = torch.stack(per_block).mean(0).view(2, *PUBLISHED[variant][2])
+    torch.testing.assert_close(spatial_map, expected / expected.flatten(1).amax(1)[:, None, None], atol=1e-5, rtol=1e-4)
+
+
+def test_salad_map_is_the_mass_its_patches_give_the_clusters(tmp_path: Path) -> None:
+    """A patch whose cluster scores all rise sends its mass to the clusters, not the dustbin:
+    it becomes the map's maximum."""
+    model = _teacher("salad", tmp_path).model
+    images = torch.rand(2, 3, 56, 70)
+    patch = (2, 3)  # of the 4x5 grid
+
+    def favour_clusters(module: torch.nn.Module, args: tuple, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()  # [B, m, h, w]
+        scores[:, :, patch[0], patch[1]] += 10
+        return scores
+
+    with torch.no_grad():
+        base = model.distill_targets(images).spatial_map
+        model.aggregator.score.register_forward_hook(favour_clusters)
+        favoured = model.distill_targets(images).spatial_map
+    assert (base.flatten(1).argmax(1) != patch[0] * 5 + patch[1]).all()
+    assert (favoured.flatten(1).argmax(1) == patch[0] * 5 + patch[1]).all()
+
+
 def test_zoo_teacher_sees_its_own_image_size(tmp_path: Path) -> None:
     seen = []
     teacher = _teacher("salad", tmp_path)
@@ -143,13 +186,8 @@ def test_cached_targets_give_the_live_loss_for_every_family(variant: str, tmp_pa
     cached = _logged_step(module, (images[ids], ids))["train/loss_distill"]
     assert live > 1e-5
     torch.testing.assert_close(cached, live, rtol=5e-3, atol=1e-6)
-    assert module.teacher_cache.map_size == PUBLISHED[variant][2]
-    assert module.teacher_cache.table.shape[1] == teacher_dim(module.teacher) + PUBLISHED[variant][2][0] * PUBLISHED[variant][2][1]
-
-
-def teacher_dim(teacher: ZooTeacher) -> int:
-    with torch.no_grad():
-        return teacher(torch.rand(1, 3, *SIZE)).shape[1]
+    (h, w), dim = PUBLISHED[variant][2], module.teacher(images[:1]).shape[1]
+    assert module.teacher_cache.map_size == (h, w) and module.teacher_cache.table.shape[1] == dim + h * w
 
 
 class _GemStudent(PlaceNet):
