@@ -334,3 +334,15 @@ def test_eval_draws_a_published_teachers_map_beside_the_models(
     evaluate.run(compose_cfg("eval", overrides, tiny_data_dir, tmp_path / "run"))
     assert [m.shape for m in drawn["teacher"]] == [(23, 23)] * 4  # 322x322 in 14-pixel patches
     assert [m.shape for m in drawn["model"]] == [(4, 6)] * 4
+
+
+def test_place_pretraining_refuses_a_published_teacher(tmp_path: Path) -> None:
+    from wakd.synth import pretrain_job
+
+    weights = PUBLISHED["salad"][0](tmp_path)
+    overrides = ["experiment=pretrain_places", "model=resnet18", "model.weights=null", "teacher=salad",
+                 f"teacher.weights={weights}"]
+    cfg = compose_cfg("train", overrides, tmp_path / "no-data", tmp_path / "run")
+    with pytest.raises(ValueError, match="pretrain_places distils from wakd teachers only"):
+        pretrain_job.run(cfg)
+    assert not (tmp_path / "no-data").exists()

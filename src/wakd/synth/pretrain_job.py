@@ -39,6 +39,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"place-classification pretraining renders fresh views and needs dataset=synthcity "
             f"(got dataset={cfg.dataset.name}); on real data use ImageNet weights (model.weights=imagenet)"
         )
+    if cfg.get("teacher") is not None and "zoo_family" in cfg.teacher:
+        raise ValueError(
+            f"experiment=pretrain_places distils from wakd teachers only (teacher=vgg16 ...), not "
+            f"teacher={cfg.teacher.name}: pretrain without it (teacher=none) and distil from it in the NetVLAD stage"
+        )
     check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -47,11 +52,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     build_module = module_factory(cfg)
-    if cfg.get("teacher") is not None and "zoo_family" in cfg.teacher:
-        raise ValueError(
-            f"experiment=pretrain_places distils from wakd teachers only (teacher=vgg16 ...), not "
-            f"teacher={cfg.teacher.name}: pretrain without it (teacher=none) and distil from it in the NetVLAD stage"
-        )
     teacher, _ = build_teacher(cfg)
     module = build_module(teacher=teacher, num_classes=datamodule.num_classes)
     trainer = build_trainer(cfg)
