@@ -162,7 +162,7 @@ these CPUs the student's own forward + backward already takes seconds. With the 
 extra work is a table lookup and the two Gram losses only. Filling the cache
 costs one eval-mode teacher forward per training image per fit ({fill_per_image:.2f} s per
 image here, batch {TUPLE}) and {per_image_bytes / 1024:.1f} KiB of fp16 targets per image at
-this size (VLAD 32,768 + attention {cache.table.shape[1] - cache.vlad_dim} values; about 66 KiB
+this size (VLAD 32,768 + attention {cache.table.shape[1] - cache.similarity_dim} values; about 66 KiB
 at 480x640, 1.1 GB for the 17.4k Pitts30k-train images).
 """,
     )

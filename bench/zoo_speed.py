@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import load_average, machine, merge_results, replace_section  # noqa: E402
-from zoo_parity_vit import REPOS, authors_boq, authors_salad, commit, perturb, save_published  # noqa: E402
+from _results import load_average, machine, merge_results, replace_section
+from zoo_parity_vit import REPOS, authors_boq, authors_salad, commit, perturb, save_published
 
-from wakd import zoo  # noqa: E402
-from wakd.models.inference import OnnxDescriptorNet, export_onnx, fold_batchnorm  # noqa: E402
+from wakd import zoo
+from wakd.models.inference import OnnxDescriptorNet, export_onnx, fold_batchnorm
 
 THREADS = 2
 CASES = {  # key: (the authors' model, evaluation size)

@@ -66,6 +66,15 @@ def check_start_files(cfg: DictConfig) -> None:
         check_weights_available(cfg.model.name, cfg.model.weights)
     if cfg.get("teacher") is None:
         return
+    if "zoo_family" in cfg.teacher:  # a published model: its file is teacher.weights
+        weights = cfg.teacher.weights
+        if weights is None or not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"teacher={cfg.teacher.name}: published weight file {weights or '(none given)'} not found. "
+                "Download it yourself (docs/zoo.md says where; wakd never downloads) and pass "
+                "teacher.weights=PATH."
+            )
+        return
     ckpt = Path(cfg.teacher.ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from wakd.data.datasets import PlaceSplit, load_split
 from wakd.distributed import external_launcher
 from wakd.models.checkpoints import load_place_net_weights, load_torch_file
+from wakd.zoo import ZooTeacher
 
 
 def ensure_dataset(dataset: DictConfig) -> None:
@@ -67,6 +68,16 @@ def build_net(model_cfg: DictConfig | dict, ckpt: str | None = None) -> torch.nn
             raise FileNotFoundError(f"checkpoint not found: {ckpt}")
         load_place_net_weights(net, ckpt)
     return net
+
+
+def build_teacher_net(teacher_cfg: DictConfig) -> torch.nn.Module:
+    """A frozen teacher as configs/teacher/<option>.yaml describes it: a wakd place network
+    from ``teacher.ckpt``, or a published model from ``teacher.weights`` that sees images at
+    its ``teacher.image_size`` (:class:`wakd.zoo.ZooTeacher`)."""
+    if "zoo_family" not in teacher_cfg:
+        return build_net(teacher_cfg, teacher_cfg.ckpt)
+    size = teacher_cfg.image_size
+    return ZooTeacher(hydra.utils.instantiate(teacher_cfg.net), tuple(size) if size else None, teacher_cfg.resize)
 
 
 def model_config_for(cfg: DictConfig, ckpt: str | None) -> DictConfig:

@@ -24,11 +24,12 @@ from wakd.eval.protocol import evaluation_card
 from wakd.eval.report import recall_table, write_predictions, write_results
 from wakd.eval.retrieval import Retrieval, evaluate_split
 from wakd.jobs.cluster import init_netvlad
-from wakd.jobs.common import build_net, load_dataset_split, model_config_for
+from wakd.jobs.common import build_net, build_teacher_net, load_dataset_split, model_config_for
 from wakd.losses import attention_map
 from wakd.models.inference import OnnxDescriptorNet
 from wakd.models.pca import PCAWhitening
 from wakd.models.place_net import PlaceNet
+from wakd.modules.teacher_cache import teacher_targets_of
 from wakd.resolvers import file_digest
 
 
@@ -151,7 +152,8 @@ def _thumbnail(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 def save_pictures(
-    cfg: DictConfig, out_dir: Path, split: PlaceSplit, result: Retrieval, net: torch.nn.Module, teacher: PlaceNet | None
+    cfg: DictConfig, out_dir: Path, split: PlaceSplit, result: Retrieval, net: torch.nn.Module,
+    teacher: torch.nn.Module | None,
 ) -> None:
     thumb = (96, 128)
     positives = split.eval_positives()
@@ -168,14 +170,12 @@ def save_pictures(
         transform = _transform(cfg)
         chosen = examples[:4]
         batch = torch.stack([transform(Image.open(split.q_paths[q]).convert("RGB")) for q in chosen])
-        maps = {}
-        for name, model in (("model", net), ("teacher", teacher)):
-            if model is None:
-                continue
-            with torch.no_grad():
-                features = model.encode(batch).features
-            h, w = features.shape[-2:]
-            maps[name] = [m.reshape(h, w).numpy() for m in attention_map(features)]
+        with torch.no_grad():
+            features = net.encode(batch).features
+        h, w = features.shape[-2:]
+        maps = {"model": [m.reshape(h, w).numpy() for m in attention_map(features)]}
+        if teacher is not None:  # the map it is distilled from (docs/method.md, section 5)
+            maps["teacher"] = [m.numpy() for m in teacher_targets_of(teacher, batch)[1]]
         plot_attention(out_dir / "attention.png", [_thumbnail(split.q_paths[q], thumb) for q in chosen], maps)
 
 
@@ -229,7 +229,7 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
     elif is_zoo_model(cfg.model) and cfg.model.pca:  # off unless model.pca=true
         pca, pca_fit, pca_file = fit_pca(net, cfg, split, save=writer)
         net = torch.nn.Sequential(net, pca)
-    teacher = build_net(cfg.teacher, cfg.teacher.ckpt) if cfg.get("teacher") else None
+    teacher = build_teacher_net(cfg.teacher) if cfg.get("teacher") else None
     dim = getattr(net, "descriptor_dim", None)
     if not spec.exact and dim is not None:
         spec.new_index(dim)  # a bad search.index fails now, not after extraction

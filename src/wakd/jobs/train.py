@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from wakd.data.datamodule import TupleDataModule
 from wakd.distributed import check_shared_run_dir, external_launcher
 from wakd.jobs.cluster import compute_centroids, init_netvlad
-from wakd.jobs.common import build_net, ensure_dataset
+from wakd.jobs.common import build_teacher_net, ensure_dataset
 from wakd.models.place_net import PlaceNet
 from wakd.modules.place_module import PlaceModule
 from wakd.pretrained import check_start_files
 from wakd.resolvers import file_digest
+from wakd.zoo import ZooTeacher
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -55,18 +56,18 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     )
 
 
-def build_teacher(cfg: DictConfig) -> tuple[PlaceNet | None, dict]:
-    """The teacher network from ``teacher.ckpt`` (None for teacher=none) and what checkpoints record of it."""
+def build_teacher(cfg: DictConfig) -> tuple[PlaceNet | ZooTeacher | None, dict]:
+    """The teacher network (None for teacher=none) and what checkpoints record of it: a wakd
+    place network from ``teacher.ckpt``, or a published model from ``teacher.weights``
+    (configs/teacher/<family>.yaml), which sees the images at its ``teacher.image_size``."""
     if cfg.get("teacher") is None:
         return None, {}
-    if "zoo_family" in cfg.teacher:
-        raise ValueError(
-            f"teacher={cfg.teacher.name}: distillation from a published model is not supported yet "
-            "(its config only builds it, for evaluation: eval.py model=<family> model.weights=PATH); "
-            "use a wakd teacher (teacher=vgg16 teacher.ckpt=PATH)"
-        )
+    teacher = build_teacher_net(cfg.teacher)
+    if isinstance(teacher, ZooTeacher):
+        weights = Path(cfg.teacher.weights)
+        return teacher, {"name": cfg.teacher.name, "ckpt": str(weights), "sha256": file_digest(weights),
+                         "description": teacher.description}
     ckpt = Path(cfg.teacher.ckpt)
-    teacher = build_net(cfg.teacher, str(ckpt))
     return teacher, {"name": cfg.teacher.name, "ckpt": str(ckpt), "sha256": file_digest(ckpt)}
 
 

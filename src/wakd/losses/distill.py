@@ -6,8 +6,10 @@ A Gram here follows the reference (and similarity-preserving KD): G = x x^T
 with x the flattened per-image vectors, then each *row of G* L2-normalised.
 
 Teacher inputs may be live outputs or cached ones: a VLAD as [N, K, D] or
-already intra-normalised and flattened [N, K*D]; attention either as feature
-maps [N, C, H, W] or precomputed maps [N, H*W] from :func:`attention_map`.
+already intra-normalised and flattened [N, K*D] (or any global descriptor [N, D]:
+the Gram needs no particular dimension); attention either as feature maps
+[N, C, H, W] or precomputed maps [N, H*W] from :func:`attention_map`, or a
+published teacher's map on another grid brought to the student's by :func:`resized_map`.
 :func:`teacher_targets` turns a teacher's outputs into the precomputed form; the
 training step uses it for the live teacher and the teacher cache stores its
 output (in fp16), so both paths feed ``distill_loss`` the same targets.
@@ -25,6 +27,7 @@ __all__ = [
     "attention_map",
     "distill_loss",
     "intra_normalised_vlad",
+    "resized_map",
     "row_normalised_gram",
     "teacher_targets",
     "vlad_gram_loss",
@@ -81,6 +84,18 @@ def attention_map(features: Tensor, eps: float = 1e-8) -> Tensor:
     a_c = a[torch.arange(a.shape[0], device=a.device), c]  # [N, H, W]
     cam = F.relu(a_c - torch.einsum("nc,nchw->nhw", p, a)).flatten(1)  # [N, H*W]
     return cam / cam.amax(dim=1, keepdim=True).clamp_min(eps)
+
+
+def resized_map(maps: Tensor, size: tuple[int, int], eps: float = 1e-8) -> Tensor:
+    """Teacher maps [N, h_t, w_t] >= 0 -> [N, h*w] on the student's h x w grid.
+
+    Bilinear (``align_corners=False``: the two grids cover the same image, cell centres
+    mapped proportionally), then each map divided by its maximum again, as
+    :func:`attention_map`'s are: the Gram's rows weigh every image's map alike.
+    """
+    resized = F.interpolate(maps[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    flat = resized.flatten(1)  # [N, h*w]
+    return flat / flat.amax(dim=1, keepdim=True).clamp_min(eps)
 
 
 def _as_attention(x: Tensor) -> Tensor:

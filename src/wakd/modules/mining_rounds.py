@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from wakd.data.datamodule import TupleDataModule, tuples_from_tensors, tuples_to_tensors
 from wakd.data.tuple_miner import MinedTuple, TupleMiner
 from wakd.describe import Extraction, extract_descriptors, split_descriptors
+from wakd.zoo import ZooTeacher
 
 # The checkpoint entry of the mining state.
 CHECKPOINT_KEY = "mining"
@@ -64,13 +65,16 @@ class TupleMining(Callback):
         """Describe every training image with the network round ``round_index`` starts
         from, mine the round's tuples and hand them to the datamodule."""
         datamodule: TupleDataModule = trainer.datamodule
+        net = pl_module.mining_net(round_index)
         extraction = extract_descriptors(
-            pl_module.mining_net(round_index),
+            net,
             datamodule.train_images(),
             batch_size=datamodule.eval_batch_size,
             num_workers=datamodule.num_workers,
             device=pl_module.device,
             desc=f"mining round {round_index}",
+            # A published teacher's antialiased resize has no ONNX export: eager PyTorch at once.
+            optimize=not isinstance(net, ZooTeacher),
         )
         # Every rank holds every descriptor now, but only global rank 0 mines: ranks on other
         # machines (other CPUs, faiss builds, GPUs) could break near-ties differently and

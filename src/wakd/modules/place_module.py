@@ -8,6 +8,9 @@ registered submodules: DDP never wraps them, the optimizer never sees them and t
 student's checkpoint stores only the student (plus the teacher's path and hash).
 With ``teacher_cache=True`` the teacher's targets of all training images are computed
 once at fit start (:mod:`wakd.modules.teacher_cache`) and looked up by image id.
+The teacher is a wakd PlaceNet (the reference: VLAD Grams, attention maps compared as they
+are) or a published model (:class:`wakd.zoo.ZooTeacher`: descriptor Grams, its map resized
+to the student's grid first); docs/method.md, section 5.
 
 A Lightning epoch is one mining round; :class:`wakd.modules.mining_rounds.TupleMining` mines it
 (the module brings that callback along) and the datamodule serves its tuples. Validation
@@ -27,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from wakd.eval.protocol import training_card
-from wakd.losses import distill_loss, hard_loss, hardest_regions, sfrs_soft_loss, teacher_targets
+from wakd.losses import distill_loss, hard_loss, hardest_regions, resized_map, sfrs_soft_loss
 from wakd.models.modes import frozen
 from wakd.models.place_net import PlaceNet
 from wakd.modules.mining_rounds import TupleMining
@@ -38,8 +41,9 @@ from wakd.modules.settings import (
     OptimizerFactory,
     SchedulerFactory,
 )
-from wakd.modules.teacher_cache import TeacherCache, build_teacher_cache
+from wakd.modules.teacher_cache import TeacherCache, build_teacher_cache, teacher_targets_of
 from wakd.modules.validation import RecallValidation
+from wakd.zoo import ZooTeacher
 
 
 def reference_gram_rows(neg_num: int, pos_num: int, device: torch.device | None = None) -> torch.Tensor:
@@ -73,7 +77,7 @@ class PlaceModule(RecallValidation, L.LightningModule):
         schedule: dict | None = None,
         freeze_batchnorm: bool = False,
         eval_ns: Sequence[int] = (1, 5, 10),
-        teacher: PlaceNet | None = None,
+        teacher: PlaceNet | ZooTeacher | None = None,
         teacher_info: dict | None = None,
         teacher_cache: bool = False,
         pos_num: int = 3,
@@ -166,7 +170,7 @@ class PlaceModule(RecallValidation, L.LightningModule):
         self.teacher_cache = cache
         rank_zero_info(
             f"teacher cache: {len(cache)} images x {cache.table.shape[1]} fp16 values "
-            f"({cache.nbytes / 2**20:.1f} MiB)"
+            f"({cache.table.shape[1] * 2 / 1024:.1f} KiB per image, {cache.nbytes / 2**20:.1f} MiB)"
         )
 
     def configure_optimizers(self) -> Any:
@@ -219,17 +223,31 @@ class PlaceModule(RecallValidation, L.LightningModule):
             config.scheduler.last_epoch = 0
 
     # --------------------------------------------------------------- training
-    def distill_targets(self, images: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher VLAD [N, K*D] and attention [N, h*w] targets of flat images [N, 3, H, W].
+    def distill_targets(
+        self, images: torch.Tensor, image_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's Gram rows [N, L] and map [N, h_t, w_t] (or None) of flat images [N, 3, H, W].
 
         From the cache when it is filled (rows ``image_ids``), else from the live teacher:
-        both through :func:`wakd.losses.teacher_targets`, so they differ by fp16 rounding only.
+        both through :func:`wakd.modules.teacher_cache.teacher_targets_of`, so they differ by
+        fp16 rounding only.
         """
         if self.teacher_cache is not None:
             return self.teacher_cache.lookup(image_ids, self.device)
-        with torch.no_grad():
-            target = self.teacher.encode(images)
-        return teacher_targets(target.vlad, target.features)
+        return teacher_targets_of(self.teacher, images)
+
+    def attention_targets(self, teacher_map: torch.Tensor | None, student_grid: tuple[int, int]) -> torch.Tensor:
+        """The teacher's maps [N, h_t, w_t] as the attention Gram compares them, [N, L_att]: a wakd
+        teacher's as they are (the reference's), a published teacher's resized to the student's grid."""
+        if teacher_map is None:
+            name = self.teacher_info.get("name", type(self.teacher).__name__)
+            raise ValueError(
+                f"teacher={name} gives no spatial map, so there is no attention term to distil: "
+                "set module.distill.attention=false (the descriptor Gram alone)"
+            )
+        if isinstance(self.teacher, ZooTeacher):
+            return resized_map(teacher_map, student_grid)
+        return teacher_map.flatten(1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # images [B, T, 3, H, W], T = 2 + N + P: anchor, hard-loss positive, N negatives, P
@@ -271,7 +289,12 @@ class PlaceModule(RecallValidation, L.LightningModule):
         if self.teacher is not None and self.distill.weight > 0:
             if self.teacher_cache is not None and tuple(image_ids.shape) != (b, t):
                 raise ValueError(f"the teacher cache needs image ids [B, T] = [{b}, {t}], got {tuple(image_ids.shape)}")
-            target_vlad, target_attention = self.distill_targets(flat, image_ids)
+            target_rows, target_map = self.distill_targets(flat, image_ids)
+            # The similarity Gram's rows: the VLAD where the student has NetVLAD (the reference's), else its descriptor.
+            student_rows = out.vlad if out.vlad is not None else out.descriptor
+            target_attention = (
+                self.attention_targets(target_map, tuple(out.features.shape[-2:])) if self.distill.attention else None
+            )
             if self.distill.scope == "tuple":  # one Gram per tuple, over the reference's rows
                 rows = reference_gram_rows(n, p, device=flat.device)
                 groups = [i * t + rows for i in range(b)]
@@ -279,10 +302,10 @@ class PlaceModule(RecallValidation, L.LightningModule):
                 groups = [torch.arange(b * t, device=flat.device)]
             terms = [
                 distill_loss(
-                    out.vlad[group],
-                    target_vlad[group],
+                    student_rows[group],
+                    target_rows[group],
                     out.features[group],
-                    target_attention[group],
+                    target_attention[group] if target_attention is not None else None,
                     use_vlad=self.distill.vlad,
                     use_attention=self.distill.attention,
                     center=self.distill.center,

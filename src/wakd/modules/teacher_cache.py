@@ -1,17 +1,22 @@
-"""Teacher-output cache: the frozen teacher's distillation targets of every training image.
+"""The frozen teacher's distillation targets, live or from a cache of every training image.
 
-The teacher never changes during distillation, so its targets (intra-normalised VLAD
-[K*D] and attention map [h*w], see :func:`wakd.losses.teacher_targets`) are computed once
-per fit, in fp16, and the training step looks rows up by global image id instead of
-running the teacher on every tuple. Memory is ``(K*D + h*w) * 2`` bytes per image: about
-66 KB for VGG16 + NetVLAD-64 at 480x640 (32,768 + 1,200 values), so Pitts30k-train
-(7,416 queries + 10,000 database images) takes about 1.1 GB of host memory per process;
-the synthetic city takes a few MB.
+A teacher gives per image the rows of the similarity Gram and a spatial map
+(:func:`teacher_targets_of`): a wakd PlaceNet its intra-normalised VLAD [K*D] (its
+descriptor [D] when it has no NetVLAD) and the attention map of its last feature map
+[h, w]; a published model (:class:`wakd.zoo.ZooTeacher`) its descriptor and its family's map.
+
+The teacher never changes during distillation, so the cache computes these once per fit,
+in fp16, and the training step looks rows up by global image id instead of running the
+teacher on every tuple. Memory is ``(L + h*w) * 2`` bytes per image (L the Gram rows'
+length): about 66 KB for VGG16 + NetVLAD-64 at 480x640 (32,768 + 1,200 values), so
+Pitts30k-train (7,416 queries + 10,000 database images) takes about 1.1 GB of host memory
+per process; a DINOv2-B teacher at 322x322 (23x23 patches) 18 KB with SALAD (8,448 + 529),
+26 KB with BoQ (12,288 + 529); the synthetic city a few MB.
 
 What the cache sees: each image once, through the evaluation transform (resize to the
 training image size, no augmentation; 0-1 pixels, which the teacher normalises as its own
-weights expect, whatever the student's normalisation), the teacher in eval mode under
-``no_grad``. With
+weights expect, whatever the student's normalisation; a published teacher then resizes them
+to its own size, as in the live step), the teacher in eval mode under ``no_grad``. With
 training augmentation on, the cached target is therefore that of the un-augmented view,
 while the live teacher would see the same jittered image as the student.
 
@@ -30,42 +35,57 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from wakd.describe import extract_descriptors
-from wakd.losses import teacher_targets
+from wakd.losses import attention_map, intra_normalised_vlad
 from wakd.models.modes import evaluating
-from wakd.models.place_net import PlaceNet
+from wakd.zoo import ZooTeacher
+
+
+@torch.no_grad()
+def teacher_targets_of(teacher: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Images [N, 3, H, W] -> (Gram rows [N, L], spatial map [N, h, w] in [0, 1] or None).
+
+    Both in [-1, 1], so fp16 storage loses ~1e-3.
+    """
+    if isinstance(teacher, ZooTeacher):
+        descriptor, spatial_map = teacher.targets(images)
+        return descriptor, spatial_map
+    out = teacher.encode(images)
+    rows = intra_normalised_vlad(out.vlad) if out.vlad is not None else out.descriptor
+    n, _, h, w = out.features.shape
+    return rows, attention_map(out.features).view(n, h, w)
 
 
 class TeacherTargetNet(nn.Module):
-    """images [B, 3, H, W] -> [B, K*D + h*w]: a teacher's VLAD and attention targets in one row.
+    """images [B, 3, H, W] -> [B, L + h*w]: a teacher's Gram rows and map in one row.
 
     Shaped like a descriptor network so that the shared extraction code can run it.
     """
 
-    def __init__(self, teacher: PlaceNet, image_size: tuple[int, int]) -> None:
+    def __init__(self, teacher: nn.Module, image_size: tuple[int, int]) -> None:
         super().__init__()
         self.teacher = teacher
-        self.vlad_dim = teacher.pool.num_clusters * teacher.pool.dim
-        with torch.no_grad(), evaluating(teacher):  # the feature-map size at this image size: one probe
+        with evaluating(teacher):  # the sizes at this image size: one probe
             device = next(teacher.parameters()).device
-            features = teacher.backbone(torch.zeros(1, 3, *image_size, device=device))
-        self.attention_dim = int(features.shape[2] * features.shape[3])
+            rows, spatial_map = teacher_targets_of(teacher, torch.zeros(1, 3, *image_size, device=device))
+        self.similarity_dim = rows.shape[1]
+        self.map_size = tuple(spatial_map.shape[1:]) if spatial_map is not None else None
 
     @property
     def descriptor_dim(self) -> int:
-        return self.vlad_dim + self.attention_dim
+        return self.similarity_dim + (self.map_size[0] * self.map_size[1] if self.map_size else 0)
 
     def forward(self, images: Tensor) -> Tensor:
-        out = self.teacher.encode(images)
-        vlad, attention = teacher_targets(out.vlad, out.features)
-        return torch.cat([vlad, attention], dim=1)
+        rows, spatial_map = teacher_targets_of(self.teacher, images)
+        return rows if spatial_map is None else torch.cat([rows, spatial_map.flatten(1)], dim=1)
 
 
 @dataclass
 class TeacherCache:
     """Rows of fp16 targets, row i = global image i (queries, then database images)."""
 
-    table: Tensor  # [N, K*D + h*w] float16, on the host
-    vlad_dim: int
+    table: Tensor  # [N, L + h*w] float16, on the host
+    similarity_dim: int  # L
+    map_size: tuple[int, int] | None  # (h, w); None for a teacher without a map
 
     def __len__(self) -> int:
         return self.table.shape[0]
@@ -74,14 +94,16 @@ class TeacherCache:
     def nbytes(self) -> int:
         return self.table.numel() * self.table.element_size()
 
-    def lookup(self, ids: Tensor, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """Targets of images ``ids`` (any shape, flattened): (VLAD [n, K*D], attention [n, h*w]) fp32."""
+    def lookup(self, ids: Tensor, device: torch.device | str) -> tuple[Tensor, Tensor | None]:
+        """Targets of images ``ids`` (any shape, flattened): (Gram rows [n, L], map [n, h, w] or None) fp32."""
         rows = self.table.index_select(0, ids.reshape(-1).cpu()).to(device, non_blocking=True).float()
-        return rows[:, : self.vlad_dim], rows[:, self.vlad_dim :]
+        if self.map_size is None:
+            return rows, None
+        return rows[:, : self.similarity_dim], rows[:, self.similarity_dim :].view(-1, *self.map_size)
 
 
 def build_teacher_cache(
-    teacher: PlaceNet,
+    teacher: nn.Module,
     images: Dataset,
     image_size: tuple[int, int],
     *,
@@ -106,4 +128,4 @@ def build_teacher_cache(
         optimize=False,
     )
     table = torch.from_numpy(np.ascontiguousarray(extraction.descriptors))
-    return TeacherCache(table=table, vlad_dim=net.vlad_dim)
+    return TeacherCache(table=table, similarity_dim=net.similarity_dim, map_size=net.map_size)

@@ -39,6 +39,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"place-classification pretraining renders fresh views and needs dataset=synthcity "
             f"(got dataset={cfg.dataset.name}); on real data use ImageNet weights (model.weights=imagenet)"
         )
+    if cfg.get("teacher") is not None and "zoo_family" in cfg.teacher:
+        raise ValueError(
+            f"experiment=pretrain_places distils from wakd teachers only (teacher=vgg16 ...), not "
+            f"teacher={cfg.teacher.name}: pretrain without it (teacher=none) and distil from it in the NetVLAD stage"
+        )
     check_launch(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)

@@ -7,6 +7,8 @@ weights, the published key layout, 0-1 RGB in, the published descriptor out) and
 ``describe(options) -> str``; optionally ``prepare(state, options) -> (state, options)``
 for options that add tensors from another file (OpenIBL's PCA) and ``PREFIXES``, the
 top-level key names its files use (to name the closest family when none recognises a file).
+Every family's model also gives ``distill_targets(images)``, what WAKD distils from it
+(``wakd.zoo.targets``; :class:`ZooTeacher` wraps a model as a teacher).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from wakd.models.checkpoints import load_torch_file
+from wakd.zoo.targets import DistillTargets, ZooTeacher
+
+__all__ = ["FAMILIES", "DistillTargets", "ZooLoadError", "ZooTeacher", "detect", "family_module", "load", "read_state"]
 
 # Registered families, in detection order (CosPlace before EigenPlaces: same layout).
 FAMILIES: tuple[str, ...] = (

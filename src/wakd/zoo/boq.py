@@ -22,6 +22,7 @@ from torchvision import models
 
 from wakd.zoo.dinov2 import PATCH, DinoViT, detect_vit, vit_name
 from wakd.zoo.layers import PixelNormalization
+from wakd.zoo.targets import DistillTargets, attention_weights_map
 
 NAME = "boq"
 IMAGE_SIZE: tuple[int, int] | None = (384, 384)  # the hub's default backbone, ResNet50
@@ -56,14 +57,16 @@ class BoQBlock(nn.Module):
         self.cross_attn = nn.MultiheadAttention(dim, num_heads=heads, batch_first=True)
         self.norm_out = nn.LayerNorm(dim)
 
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Refined tokens, the queries' output and, with ``need_weights``, their
+        cross-attention weights [B, Q, N] (averaged over heads)."""
         tokens = self.encoder(tokens)
         queries = self.queries.expand(tokens.shape[0], -1, -1)
         queries = self.norm_q(
             queries + self.self_attn(queries, queries, queries, need_weights=False)[0]
         )
-        out = self.cross_attn(queries, tokens, tokens, need_weights=False)[0]
-        return tokens, self.norm_out(out)
+        out, weights = self.cross_attn(queries, tokens, tokens, need_weights=need_weights)
+        return tokens, self.norm_out(out), weights
 
 
 class BoQAggregator(nn.Module):
@@ -80,14 +83,19 @@ class BoQAggregator(nn.Module):
         self.dim = proj_channels * row_dim
 
     def forward(self, features: Tensor) -> Tensor:
+        return self.with_attention(features, need_weights=False)[0]
+
+    def with_attention(self, features: Tensor, need_weights: bool = True) -> tuple[Tensor, list[Tensor]]:
+        """The descriptor and, with ``need_weights``, each block's cross-attention [B, Q, h*w]."""
         tokens = self.norm_input(self.proj_c(features).flatten(2).transpose(1, 2))  # [B, hw, d]
-        outs = []
+        outs, weights = [], []
         for block in self.boqs:
-            tokens, out = block(tokens)
+            tokens, out, attention = block(tokens, need_weights)
             outs.append(out)
+            weights.append(attention)
         rows = self.fc(torch.cat(outs, dim=1).transpose(1, 2))  # [B, d, row_dim]
         # reshape to the constant size (not flatten): ONNX exports then know the descriptor size
-        return F.normalize(rows.reshape(-1, self.dim), dim=-1)
+        return F.normalize(rows.reshape(-1, self.dim), dim=-1), weights if need_weights else []
 
 
 class _DinoBackbone(nn.Module):
@@ -136,6 +144,11 @@ class BoQ(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.aggregator(self.backbone(self.normalize(images)))
+
+    def distill_targets(self, images: Tensor) -> DistillTargets:
+        features = self.backbone(self.normalize(images))
+        descriptor, weights = self.aggregator.with_attention(features)
+        return DistillTargets(descriptor, attention_weights_map(weights, *features.shape[-2:]))
 
 
 AGGREGATOR_KEYS = ("proj_channels", "queries", "layers", "row_dim", "heads")

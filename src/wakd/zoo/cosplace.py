@@ -26,6 +26,7 @@ from wakd.zoo.layers import (
     vgg16_trunk,
     vgg16_trunk_present,
 )
+from wakd.zoo.targets import DistillTargets, activation_targets
 
 NAME = "cosplace"
 IMAGE_SIZE = None
@@ -54,6 +55,10 @@ class GemFcNet(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.aggregation(self.backbone(self.normalize(images)))
+
+    def distill_targets(self, images: Tensor) -> DistillTargets:
+        features = self.backbone(self.normalize(images))
+        return activation_targets(features, self.aggregation(features))
 
 
 def detect_gem_fc(state: Mapping[str, Tensor]) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from wakd.zoo.layers import (
     vgg16_trunk,
     vgg16_trunk_present,
 )
+from wakd.zoo.targets import DistillTargets, activation_targets
 
 NAME = "dvglb"
 IMAGE_SIZE = (480, 640)
@@ -69,6 +70,10 @@ class DvglbNet(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.aggregation(self.backbone(self.normalize(images)))
+
+    def distill_targets(self, images: Tensor) -> DistillTargets:
+        features = self.backbone(self.normalize(images))
+        return activation_targets(features, self.aggregation(features))
 
 
 def _backbone(state: Mapping[str, Tensor]) -> str | None:

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from wakd.zoo.dinov2 import PATCH, DinoViT, detect_vit, vit_name
 from wakd.zoo.layers import PixelNormalization
 from wakd.zoo.salad import SaladAggregator, detect_aggregator
+from wakd.zoo.targets import DistillTargets, transport_map
 
 NAME = "megaloc"
 IMAGE_SIZE: tuple[int, int] | None = None
@@ -40,7 +41,12 @@ class _Aggregator(nn.Module):
         )
 
     def forward(self, patches: Tensor, cls_token: Tensor) -> Tensor:
-        return self.linear(self.agg(patches, cls_token))
+        return self.with_assignment(patches, cls_token)[0]
+
+    def with_assignment(self, patches: Tensor, cls_token: Tensor) -> tuple[Tensor, Tensor]:
+        """The projected descriptor (before the final L2) and SALAD's assignment [B, m, h*w]."""
+        descriptor, weights = self.agg.with_assignment(patches, cls_token)
+        return self.linear(descriptor), weights
 
 
 class MegaLoc(nn.Module):
@@ -53,6 +59,10 @@ class MegaLoc(nn.Module):
         self.aggregator = _Aggregator(vit["embed_dim"], feat_dim, aggregator)
 
     def forward(self, images: Tensor) -> Tensor:
+        return F.normalize(self.aggregator(*self._patches_and_token(images)), dim=-1)
+
+    def _patches_and_token(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Patch features [B, C, h, w] and CLS token [B, C] of images of any size."""
         images = self.normalize(images)
         height, width = images.shape[-2:]
         if height % PATCH or width % PATCH:
@@ -65,7 +75,12 @@ class MegaLoc(nn.Module):
             .reshape(images.shape[0], height // PATCH, width // PATCH, -1)
             .permute(0, 3, 1, 2)
         )
-        return F.normalize(self.aggregator(patches, tokens[:, 0]), dim=-1)
+        return patches, tokens[:, 0]
+
+    def distill_targets(self, images: Tensor) -> DistillTargets:
+        patches, cls_token = self._patches_and_token(images)
+        descriptor, weights = self.aggregator.with_assignment(patches, cls_token)
+        return DistillTargets(F.normalize(descriptor, dim=-1), transport_map(weights, *patches.shape[-2:]))
 
 
 DEFAULTS: dict[str, int] = {

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wakd.zoo.layers import PixelNormalization, resnet, resnet_layout
+from wakd.zoo.targets import DistillTargets, activation_targets
 
 NAME = "mixvpr"
 IMAGE_SIZE = (320, 320)
@@ -85,6 +86,10 @@ class MixVPRNet(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.aggregator(self.backbone(self.normalize(images)))
+
+    def distill_targets(self, images: Tensor) -> DistillTargets:
+        features = self.backbone(self.normalize(images))
+        return activation_targets(features, self.aggregator(features))
 
 
 def detect(state: Mapping[str, Tensor]) -> dict[str, Any] | None:

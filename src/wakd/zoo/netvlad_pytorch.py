@@ -24,6 +24,7 @@ from wakd.zoo.layers import (
     vgg16_trunk,
     vgg16_trunk_present,
 )
+from wakd.zoo.targets import DistillTargets, activation_targets
 
 NAME = "netvlad_pytorch"
 IMAGE_SIZE = None
@@ -48,6 +49,10 @@ class NetVladNet(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.pool(self.encoder(self.normalize(images)))
+
+    def distill_targets(self, images: Tensor) -> DistillTargets:
+        features = self.encoder(self.normalize(images))
+        return activation_targets(features, self.pool(features))
 
 
 def detect(state: Mapping[str, Tensor]) -> dict[str, Any] | None:

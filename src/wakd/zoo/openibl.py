@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from wakd.models.netvlad import NetVLAD
 from wakd.zoo.layers import PixelNormalization, vgg16_trunk, vgg16_trunk_present
+from wakd.zoo.targets import DistillTargets, activation_targets
 
 NAME = "openibl"
 IMAGE_SIZE = (480, 640)
@@ -50,10 +51,17 @@ class OpenIBLNet(nn.Module):
         )
 
     def forward(self, images: Tensor) -> Tensor:
-        vlad = self.net_vlad(self.base_model.base(self.normalize(images)))  # [B, K*512], unit L2
+        return self._describe(self.base_model.base(self.normalize(images)))
+
+    def _describe(self, features: Tensor) -> Tensor:
+        vlad = self.net_vlad(features)  # [B, K*512], unit L2
         if self.pca_layer is None:
             return vlad
         return F.normalize(self.pca_layer(vlad[:, :, None, None]).flatten(1), dim=1)
+
+    def distill_targets(self, images: Tensor) -> DistillTargets:
+        features = self.base_model.base(self.normalize(images))
+        return activation_targets(features, self._describe(features))
 
 
 def detect(state: Mapping[str, Tensor]) -> dict[str, Any] | None:

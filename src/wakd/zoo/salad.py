@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from wakd.zoo.dinov2 import PATCH, DinoViT, detect_vit, vit_name
 from wakd.zoo.layers import PixelNormalization
+from wakd.zoo.targets import DistillTargets, transport_map
 
 NAME = "salad"
 IMAGE_SIZE: tuple[int, int] | None = (322, 322)
@@ -86,12 +87,17 @@ class SaladAggregator(nn.Module):
         self.cluster_dims = clusters * cluster_dim
 
     def forward(self, patches: Tensor, cls_token: Tensor) -> Tensor:
+        return self.with_assignment(patches, cls_token)[0]
+
+    def with_assignment(self, patches: Tensor, cls_token: Tensor) -> tuple[Tensor, Tensor]:
+        """The descriptor and the Sinkhorn assignment [B, m, h*w] it pooled with."""
         features = self.cluster_features(patches).flatten(2)  # [B, l, n]
         weights = _sinkhorn_assignment(self.score(patches).flatten(2), self.dust_bin)  # [B, m, n]
         clusters = F.normalize(torch.einsum("bln,bmn->blm", features, weights), dim=1)  # [B, l, m]
         token = F.normalize(self.token_features(cls_token), dim=-1)
         # reshape to the constant size (not flatten): ONNX exports then know the descriptor size
-        return F.normalize(torch.cat((token, clusters.reshape(-1, self.cluster_dims)), dim=-1), dim=-1)
+        flat = clusters.reshape(-1, self.cluster_dims)
+        return F.normalize(torch.cat((token, flat), dim=-1), dim=-1), weights
 
 
 def detect_aggregator(state: Mapping[str, Tensor], prefix: str) -> dict[str, int] | None:
@@ -126,12 +132,21 @@ class Salad(nn.Module):
         self.aggregator = SaladAggregator(channels=vit["embed_dim"], **aggregator)
 
     def forward(self, images: Tensor) -> Tensor:
+        return self.aggregator(*self._patches_and_token(images))
+
+    def _patches_and_token(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Patch features [B, C, h, w] and CLS token [B, C]."""
         batch, _, height, width = images.shape
         tokens = self.backbone.model.tokens(self.normalize(images))  # [B, 1 + h*w, C]
         patches = (
             tokens[:, 1:].reshape(batch, height // PATCH, width // PATCH, -1).permute(0, 3, 1, 2)
         )
-        return self.aggregator(patches, tokens[:, 0])
+        return patches, tokens[:, 0]
+
+    def distill_targets(self, images: Tensor) -> DistillTargets:
+        patches, cls_token = self._patches_and_token(images)
+        descriptor, weights = self.aggregator.with_assignment(patches, cls_token)
+        return DistillTargets(descriptor, transport_map(weights, *patches.shape[-2:]))
 
 
 DEFAULTS: dict[str, int] = {
