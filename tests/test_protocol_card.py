@@ -108,6 +108,55 @@ def test_eval_writes_the_card_of_the_checkpoint_it_evaluates(trained: Path, tiny
     assert results["card"]["protocol"]["queries_without_positive"] == results["queries_without_positive"]
 
 
+def test_queries_resized_by_their_shorter_side(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """dataset.query_shorter_side (Tokyo 24/7's query resizing): queries keep their aspect at
+    that shorter side, database images stay at image_size, and the card says so. The
+    distances eval.py reports are recomputed here from PIL + torchvision directly."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from wakd.synth.rawpixels import RawPixels
+
+    split = load_split("synthcity", tiny_data_dir / "synthcity" / "raw", "val")
+    width, height = Image.open(split.db_paths[0]).size
+    side = 40
+    # The database at its own size (a resize to it changes nothing), queries at a shorter side of 40.
+    evaluate.run(compose_cfg("eval", [
+        "model=rawpixels", "dataset=synthcity", "dataset.generate.preset=tiny", "split=val", "num_workers=0",
+        "batch_size=32", "pca=false", "plots=false", f"dataset.image_size=[{height},{width}]",
+        f"+dataset.query_shorter_side={side}",
+    ], tiny_data_dir, tmp_path / "run"))
+    predictions = np.load(tmp_path / "run" / "predictions.npz")
+    protocol = json.loads((tmp_path / "run" / "results.json").read_text())["card"]["protocol"]
+    assert protocol["query_shorter_side"] == side
+    assert f"queries to a {side}-pixel shorter side, aspect kept" in protocol["resize"]
+
+    net = RawPixels()
+
+    def describe(paths: list[str], resize: T.Resize | None) -> torch.Tensor:
+        images = [Image.open(p).convert("RGB") for p in paths]
+        return torch.cat([net(T.ToTensor()(resize(im) if resize else im)[None]) for im in images])
+
+    database = describe(split.db_paths, None)
+    for resize, expected_close in ((T.Resize(side), True), (None, False)):  # the second: queries not resized
+        queries = describe(split.q_paths, resize)
+        recomputed = torch.cdist(queries, database).pow(2).numpy()  # [Q, N] squared L2
+        reported = np.take_along_axis(recomputed, predictions["topk"], axis=1)
+        # fp16 descriptor storage: distances to about 1e-3
+        assert np.allclose(reported, predictions["distances"], atol=3e-3) == expected_close
+
+
+def test_shorter_side_transform_keeps_the_aspect() -> None:
+    from PIL import Image
+
+    from wakd.data.images import build_transform
+
+    transform = build_transform(48, train=False)
+    assert transform.image_size is None  # sizes differ between images
+    assert tuple(transform(Image.new("RGB", (640, 480))).shape) == (3, 48, 64)
+    assert tuple(transform(Image.new("RGB", (300, 400))).shape) == (3, 64, 48)
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -179,13 +228,22 @@ def test_report_command_line(two_runs: tuple[Path, Path], tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| vgg16 aaaaaaaa | 85.0 |" in done.stdout
     assert (two_runs[0] / "report.md").is_file() and (two_runs[0] / "report.png").is_file()  # default: first dir
+    # Models are compared each at its own input size; the test set's query resizing must match.
+    other_input = copy.deepcopy(json.loads((two_runs[1] / "results.json").read_text()))
+    other_input["card"]["protocol"]["image_size"] = [322, 322]
+    other_input["model"] = other_input["card"]["descriptive"]["model"] = "salad"
+    other_input["card"]["descriptive"]["weights_sha256"] = "c" * 64
+    (tmp_path / "salad").mkdir()
+    (tmp_path / "salad" / "results.json").write_text(json.dumps(other_input))
+    done = subprocess.run([*cmd, str(tmp_path / "salad")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
     bad = copy.deepcopy(json.loads((two_runs[1] / "results.json").read_text()))
-    bad["card"]["protocol"]["image_size"] = [240, 320]
+    bad["card"]["protocol"]["query_shorter_side"] = 640
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text(json.dumps(bad))
     done = subprocess.run([*cmd, str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2
-    assert "'image_size' differs: [240, 320] (" in done.stderr and " vs [480, 640] (" in done.stderr
+    assert "'query_shorter_side' differs: 640 (" in done.stderr
 
 
 def test_eval_multirun_writes_one_table(tiny_data_dir: Path, tmp_path: Path) -> None:

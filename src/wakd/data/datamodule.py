@@ -72,12 +72,15 @@ class TupleDataset(Dataset):
         return torch.stack(images), ids
 
 
-def split_images(split: PlaceSplit, transform: Any, skip_corrupt: bool = False) -> ConcatImages:
+def split_images(
+    split: PlaceSplit, transform: Any, skip_corrupt: bool = False, query_transform: Any = None
+) -> ConcatImages:
     """Queries followed by database images, for one extraction pass; item indices count
-    across both (database image j is ``num_queries + j``)."""
+    across both (database image j is ``num_queries + j``). ``query_transform``: the
+    queries' own (Tokyo 24/7's query resizing), else ``transform``."""
     return ConcatImages(
         [
-            ImageListDataset(split.q_paths, transform, skip_corrupt=skip_corrupt),
+            ImageListDataset(split.q_paths, query_transform or transform, skip_corrupt=skip_corrupt),
             ImageListDataset(split.db_paths, transform, skip_corrupt=skip_corrupt),
         ]
     )

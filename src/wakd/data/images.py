@@ -51,9 +51,11 @@ class ImageTransform:
 
     @property
     def only_resizes(self) -> bool:
-        """True when the PIL steps do nothing but resize (evaluation): an image already at
-        ``image_size`` then passes through unchanged."""
-        return all(isinstance(step, T.Resize) for step in self.compose.transforms)
+        """True when the PIL steps do nothing but resize to ``image_size`` (evaluation), or
+        nothing at all: an image already at ``image_size`` then passes through unchanged. A
+        shorter-side resize (no fixed ``image_size``) does not."""
+        steps = self.compose.transforms
+        return all(isinstance(step, T.Resize) for step in steps) and (self.image_size is not None or not steps)
 
     def to_uint8(self, image: Image.Image, contiguous: bool = True) -> torch.Tensor:
         """The PIL steps, then uint8 [3, H, W]. ``contiguous=False`` returns a CHW view of
@@ -82,20 +84,24 @@ RESIZE_MODES = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.Interpola
 
 
 def build_transform(
-    image_size: tuple[int, int] | None,
+    image_size: tuple[int, int] | int | None,
     train: bool,
     color_jitter: tuple[float, float, float, float] = (0.7, 0.7, 0.7, 0.5),
     resize: str = "bilinear",
     draft: bool = True,
 ) -> ImageTransform:
-    """Resize to ``image_size`` (H, W) with PIL's ``resize`` filter ('bilinear' | 'bicubic';
-    'none' keeps each image's size), colour-jitter when ``train``, to a 0-1 float tensor.
-    ``draft=False`` decodes JPEGs in full before resizing (see ``ImageTransform``)."""
+    """Resize to ``image_size`` (H, W; one int: the shorter side, aspect kept) with PIL's
+    ``resize`` filter ('bilinear' | 'bicubic'; 'none' keeps each image's size),
+    colour-jitter when ``train``, to a 0-1 float tensor. ``draft=False`` decodes JPEGs in
+    full before resizing (see ``ImageTransform``)."""
     if resize == "none":
         image_size = None
     elif resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r}: choose one of {', '.join([*RESIZE_MODES, 'none'])}")
     steps: list[Callable[[Image.Image], Image.Image]] = []
+    if isinstance(image_size, int):  # sizes differ between images: no fixed size to decode at
+        steps.append(T.Resize(image_size, interpolation=RESIZE_MODES[resize]))
+        return ImageTransform(None, steps, draft=False)
     if image_size is not None:
         steps.append(T.Resize(tuple(image_size), interpolation=RESIZE_MODES[resize]))
     if train:

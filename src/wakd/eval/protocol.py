@@ -14,7 +14,8 @@ what counts as found:
   the denominator, :func:`wakd.eval.recall.recall_at_n`);
 * ``pos_dist_thr`` (metres), ``time_rule`` (Tokyo TM: a positive needs another time stamp),
   ``panorama_dedup`` (Tokyo 24/7: one hit per panorama before Recall@N);
-* ``image_size`` [H, W] and ``resize`` (the rule applied to queries and database images).
+* ``image_size`` [H, W], ``resize`` (the rule applied to queries and database images, in words)
+  and ``query_shorter_side`` (Tokyo 24/7's query resizing, when asked for).
 
 ``descriptive`` — what was measured, which may differ between the rows of one table:
 ``model``, ``weights_sha256`` (:func:`weights_hash`, the same for a checkpoint's card and for
@@ -102,18 +103,27 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def resize_rule(image_size: Sequence[int] | None) -> str:
-    if image_size is None:
-        return "none: every image at its own size"
-    h, w = image_size
-    return f"queries and database images to {h}x{w} (torchvision Resize, bilinear, antialiased)"
+def resize_rule(
+    image_size: Sequence[int] | None, resize: str = "bilinear", query_shorter_side: int | None = None
+) -> str:
+    """In words: how queries and database images were resized before description."""
+    if image_size is None or resize == "none":
+        database = "at its own size"
+    else:
+        h, w = image_size
+        database = f"to {h}x{w} (torchvision Resize, {resize}, antialiased)"
+    if query_shorter_side is None:
+        return f"queries and database images {database}"
+    return (f"database images {database}; queries to a {query_shorter_side}-pixel shorter side, "
+            f"aspect kept (torchvision Resize, {resize}, antialiased)")
 
 
 def split_protocol(
-    split: PlaceSplit, *, dataset: str, variant: str | None, image_size: Sequence[int] | None
+    split: PlaceSplit, *, dataset: str, variant: str | None, image_size: Sequence[int] | None,
+    resize: str = "bilinear", query_shorter_side: int | None = None,
 ) -> dict[str, Any]:
     """The protocol part of a card for evaluating ``split`` (module docstring)."""
-    size = None if image_size is None else [int(s) for s in image_size]
+    size = None if image_size is None or resize == "none" else [int(s) for s in image_size]
     return {
         "dataset": dataset,
         "variant": variant or dataset,
@@ -127,7 +137,8 @@ def split_protocol(
         "time_rule": "a positive needs another time stamp than its query" if split.q_timestamps is not None else None,
         "panorama_dedup": split.db_group_ids is not None,
         "image_size": size,
-        "resize": resize_rule(size),
+        "resize": resize_rule(size, resize, query_shorter_side),
+        "query_shorter_side": query_shorter_side,
     }
 
 
@@ -165,16 +176,23 @@ def card(
     }
 
 
+# A model's own input size and filter (a published model's, or the dataset's for wakd
+# networks): models are compared each at its own input, as the field does; the queries'
+# resizing (query_shorter_side) is the test set's and must match.
+MODEL_INPUT_FIELDS = frozenset({"image_size", "resize"})
+
+
 def check_same_protocol(cards: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
-    """Raise :class:`ProtocolMismatch` naming the first protocol field on which two of the
-    ``(source, card)`` pairs differ, with both values and both sources."""
+    """Raise :class:`ProtocolMismatch` naming the first protocol field (other than the
+    model's input, ``MODEL_INPUT_FIELDS``) on which two of the ``(source, card)`` pairs
+    differ, with both values and both sources."""
     items = list(cards)
     if not items:
         return
     first_source, first = items[0]
     for source, other in items[1:]:
         a, b = first["protocol"], other["protocol"]
-        for field in sorted(a.keys() | b.keys()):
+        for field in sorted((a.keys() | b.keys()) - MODEL_INPUT_FIELDS):
             if a.get(field) != b.get(field):
                 raise ProtocolMismatch(field, a.get(field), b.get(field), first_source, source)
 
@@ -211,15 +229,15 @@ def checkpoint_card(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def evaluation_card(
     cfg: Any, split: PlaceSplit, net: torch.nn.Module, *, pca_fit: str | None, pca_file: str | os.PathLike | None,
-    spec: SearchSpec,
+    spec: SearchSpec, input_rule: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """The card of one eval.py run (``cfg``: its composed config)."""
+    """The card of one eval.py run (``cfg``: its composed config; ``input_rule``: the
+    ``image_size``, ``resize`` and ``query_shorter_side`` its images were described at)."""
     onnx = cfg.get("backend") == "onnxruntime"
     ckpt = cfg.get("ckpt")
     stored = None if onnx or not ckpt else checkpoint_card(ckpt)
     return card(
-        split_protocol(split, dataset=cfg.dataset.name, variant=cfg.dataset.get("protocol"),
-                       image_size=cfg.dataset.get("image_size")),
+        split_protocol(split, dataset=cfg.dataset.name, variant=cfg.dataset.get("protocol"), **input_rule),
         model=cfg.model.name,
         weights_sha256=file_digest(cfg.backend_model, length=64) if onnx else weights_hash(net.state_dict()),
         checkpoint=str(cfg.backend_model if onnx else ckpt) if (onnx or ckpt) else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,13 +39,28 @@ def is_zoo_model(model: DictConfig) -> bool:
     return "zoo_family" in model
 
 
-def _transform(cfg: DictConfig):
-    if is_zoo_model(cfg.model):  # its authors' input size and resampling, from a full decode
-        size = cfg.model.image_size
-        return build_transform(
-            tuple(size) if size else None, train=False, resize=cfg.model.resize, draft=False
-        )
-    return build_transform(tuple(cfg.dataset.image_size), train=False)
+def input_rule(cfg: DictConfig) -> dict[str, Any]:
+    """How images are resized before description: ``image_size`` (H, W) or None and the
+    ``resize`` filter (a published model's own, else the dataset's size, bilinear), and
+    ``query_shorter_side`` (``dataset.query_shorter_side``: Tokyo 24/7's queries)."""
+    if is_zoo_model(cfg.model):  # its authors' input size and resampling
+        size, resize = cfg.model.image_size, cfg.model.resize
+    else:
+        size, resize = cfg.dataset.image_size, "bilinear"
+    side = cfg.dataset.get("query_shorter_side")
+    return {
+        "image_size": tuple(size) if size else None,
+        "resize": resize,
+        "query_shorter_side": int(side) if side else None,
+    }
+
+
+def _transform(cfg: DictConfig, queries: bool = False):
+    """The database images' transform, or with ``queries`` the queries'. Published models'
+    images are decoded in full before resizing, as their authors do."""
+    rule = input_rule(cfg)
+    size = rule["query_shorter_side"] if queries and rule["query_shorter_side"] else rule["image_size"]
+    return build_transform(size, train=False, resize=rule["resize"], draft=not is_zoo_model(cfg.model))
 
 
 @torch.no_grad()
@@ -135,9 +151,10 @@ def fit_pca(net: torch.nn.Module, cfg: DictConfig, split: PlaceSplit, save: bool
     if path.is_file():
         return PCAWhitening.load(path, in_dim=in_dim), fit, path
     chosen = np.sort(np.random.default_rng(cfg.seed).choice(candidates, size=n, replace=False))
-    images = split_images(fit_split, _transform(cfg), cfg.skip_corrupt)
+    transform = _transform(cfg)
+    images = split_images(fit_split, transform, cfg.skip_corrupt)
     extraction = extract_descriptors(
-        net, Subset(images, chosen.tolist()), batch_size=cfg.batch_size,
+        net, Subset(images, chosen.tolist()), batch_size=cfg.batch_size if transform.image_size else 1,
         num_workers=cfg.num_workers, desc="describe PCA training images",
     )
     pca = PCAWhitening.fit(torch.from_numpy(extraction.descriptors[extraction.valid]).float(), out_dim)
@@ -234,9 +251,13 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
     if not spec.exact and dim is not None:
         spec.new_index(dim)  # a bad search.index fails now, not after extraction
 
+    transforms = (_transform(cfg), _transform(cfg, queries=True))
+    # Images of their own sizes (a published model at full resolution, Tokyo's resized
+    # queries) cannot be stacked into batches: one at a time.
+    fixed = all(t.image_size is not None for t in transforms)
     result = evaluate_split(
-        net, split, split_images(split, _transform(cfg), cfg.skip_corrupt), ns=cfg.ns,
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, store=store, spec=spec,
+        net, split, split_images(split, *transforms[:1], cfg.skip_corrupt, query_transform=transforms[1]),
+        ns=cfg.ns, batch_size=cfg.batch_size if fixed else 1, num_workers=cfg.num_workers, store=store, spec=spec,
     )
     if not writer:  # every rank holds the same result; one writes it
         return result.recall
@@ -262,7 +283,7 @@ def evaluate(cfg: DictConfig, writer: bool = True) -> dict[int, float]:
         pca_file=str(pca_file) if pca_file else None,
         descriptor_store=str(store) if store else None,
         search=spec.index,
-        card=evaluation_card(cfg, split, net, pca_fit=pca_fit, pca_file=pca_file, spec=spec),
+        card=evaluation_card(cfg, split, net, pca_fit=pca_fit, pca_file=pca_file, spec=spec, input_rule=input_rule(cfg)),
     )
     write_predictions(out_dir, split.q_rel, split.db_rel, result.topk, result.distances)
     if cfg.plots:
