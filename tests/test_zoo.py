@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import h5py
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -22,6 +21,7 @@ from PIL import Image
 from wakd import zoo
 from wakd.data.images import ImageListDataset, build_transform
 from wakd.jobs import evaluate
+from wakd.jobs.common import build_zoo_model
 from wakd.jobs.train import build_teacher
 
 IMAGES = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -265,7 +265,7 @@ def test_teacher_config_builds_the_zoo_model(tiny_data_dir, tmp_path):
     weights = tmp_path / "ResNet18_32_eigenplaces.pth"
     torch.save(cosplace_state(32), weights)
     cfg = compose_cfg("train", ["teacher=eigenplaces", f"teacher.weights={weights}"], tiny_data_dir, tmp_path / "run")
-    teacher = hydra.utils.instantiate(cfg.teacher.net)
+    teacher = build_zoo_model(cfg.teacher)
     assert teacher.zoo_description == "EigenPlaces ResNet18, 32-d"
     assert teacher(IMAGES).shape == (2, 32)
     wrapped, info = build_teacher(cfg)  # distillation from it: tests/test_any_teacher.py

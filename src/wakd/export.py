@@ -27,7 +27,7 @@ from torch import nn
 
 from wakd.atomic import atomic_write_path
 from wakd.cli import run_job
-from wakd.jobs.common import build_net, model_config_for
+from wakd.jobs.common import build_net, build_zoo_model, model_config_for
 from wakd.models.inference import TOLERANCE, OnnxDescriptorNet, export_onnx, fold_batchnorm
 from wakd.models.pca import PCAWhitening
 from wakd.models.place_net import PlaceNet
@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> Path:
     """The ``python -m wakd.export`` job: build the network from ``ckpt`` (or a published
     model from ``model.weights``), export, report."""
     if "zoo_family" in cfg.model:  # a published model (wakd.zoo): its file is model.weights
-        net, source = hydra.utils.instantiate(cfg.model.net), cfg.model.weights
+        net, source = build_zoo_model(cfg.model), cfg.model.weights
     elif cfg.ckpt is None:
         raise ValueError(
             "ckpt=PATH is required (a wakd checkpoint); a published model is exported with "

@@ -10,6 +10,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from wakd import zoo
 from wakd.data.datasets import PlaceSplit, load_split
 from wakd.distributed import external_launcher
 from wakd.models.checkpoints import load_place_net_weights, load_torch_file
@@ -58,7 +59,12 @@ def checkpoint_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def build_net(model_cfg: DictConfig | dict, ckpt: str | None = None) -> torch.nn.Module:
-    """Instantiate a descriptor network and load ``ckpt`` into it (any supported layout)."""
+    """Instantiate a descriptor network and load ``ckpt`` into it (any supported layout);
+    a published model (``zoo_family``) from its own ``weights`` file."""
+    if "zoo_family" in model_cfg:
+        if ckpt:
+            raise ValueError(f"ckpt={ckpt}: a published model loads its own file, model.weights=PATH; drop ckpt")
+        return build_zoo_model(model_cfg)
     net_cfg = model_cfg.get("net", model_cfg)
     overrides = {"weights": None} if ckpt and "weights" in net_cfg else {}
     # With a checkpoint every weight is overwritten: never load ImageNet/pretraining files first.
@@ -70,6 +76,14 @@ def build_net(model_cfg: DictConfig | dict, ckpt: str | None = None) -> torch.nn
     return net
 
 
+def build_zoo_model(model_cfg: DictConfig) -> torch.nn.Module:
+    """A published model as configs/{model,teacher}/<family>.yaml describe it: the file
+    ``weights`` read by ``wakd.zoo.load`` as ``zoo_family`` (OpenIBL: ``pca_params``, its
+    separate PCA file)."""
+    options = {"pca": model_cfg.pca_params} if model_cfg.get("pca_params") else {}
+    return zoo.load(model_cfg.weights, family=model_cfg.zoo_family, **options)
+
+
 def build_teacher_net(teacher_cfg: DictConfig) -> torch.nn.Module:
     """A frozen teacher as configs/teacher/<option>.yaml describes it: a wakd place network
     from ``teacher.ckpt``, or a published model from ``teacher.weights`` that sees images at
@@ -77,7 +91,7 @@ def build_teacher_net(teacher_cfg: DictConfig) -> torch.nn.Module:
     if "zoo_family" not in teacher_cfg:
         return build_net(teacher_cfg, teacher_cfg.ckpt)
     size = teacher_cfg.image_size
-    return ZooTeacher(hydra.utils.instantiate(teacher_cfg.net), tuple(size) if size else None, teacher_cfg.resize)
+    return ZooTeacher(build_zoo_model(teacher_cfg), tuple(size) if size else None, teacher_cfg.resize)
 
 
 def model_config_for(cfg: DictConfig, ckpt: str | None) -> DictConfig:
