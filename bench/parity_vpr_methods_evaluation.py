@@ -45,8 +45,6 @@ def found_at(topk: np.ndarray, positives: list[np.ndarray]) -> np.ndarray:
 def wakd_side(city: Path, folder: Path, out: Path) -> dict:
     """Describe the converted folder with wakd, rank and score it; descriptors saved by path."""
     import torch
-    from wakd.data.synthcity import generate_city
-    from wakd.models.rawpixels import RawPixels
 
     from wakd.data import convert
     from wakd.data.datamodule import split_images
@@ -54,6 +52,8 @@ def wakd_side(city: Path, folder: Path, out: Path) -> dict:
     from wakd.data.images import build_transform
     from wakd.describe import extract_descriptors, split_descriptors
     from wakd.eval.retrieval import retrieve
+    from wakd.synth.rawpixels import RawPixels
+    from wakd.synth.synthcity import generate_city
 
     generate_city(city, preset="demo", seed=0, progress=False)
     if convert.main([str(city / "synthcity" / "raw"), str(folder)]) != 0:

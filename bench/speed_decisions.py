@@ -43,10 +43,9 @@ sys.path.insert(0, str(BENCH))
 
 from p1_speedup import THREADS  # noqa: E402
 from p6_mining_round import MINER, build_demo_student, demo_root  # noqa: E402
-from wakd.data.mining import TupleMiner  # noqa: E402
 
-from wakd.data import mining  # noqa: E402
 from wakd.data import rerank as rerank_module  # noqa: E402
+from wakd.data import tuple_miner  # noqa: E402
 from wakd.data.datamodule import split_images  # noqa: E402
 from wakd.data.datasets import PlaceSplit, load_split  # noqa: E402
 from wakd.data.images import build_transform  # noqa: E402
@@ -130,7 +129,7 @@ def plain_reranking_graph(features, *, k1, k2, device, pairs):
 
 def plain_mining():
     return mock.patch.multiple(
-        mining,
+        tuple_miner,
         cross_pair_sq_distances=plain_cross_pair_sq_distances,
         formula_error_bound=lambda dim, s: 0.0,
         k_smallest_per_list=plain_k_smallest_per_list,
@@ -146,7 +145,7 @@ def mine_variant(
     split, q_desc, db_desc, queries, rerank, patch, reps_seed: list[int]
 ) -> Callable[[], list]:
     """One ``TupleMiner.mine`` per call, each variant with its own miner and the same draws."""
-    miner = TupleMiner(split, **MINER)
+    miner = tuple_miner.TupleMiner(split, **MINER)
 
     def run() -> list:
         rng = np.random.default_rng([0, reps_seed[0]])
@@ -191,7 +190,7 @@ def demo_descriptors(root: Path) -> tuple[PlaceSplit, np.ndarray, np.ndarray]:
 def bench_mining(name: str, split, q_desc, db_desc, num_queries: int, rerank: bool, reps: int,
                  decisions: list[str]) -> list[dict]:  # fmt: skip
     """The optimised mine and each decision's plain variant, all interleaved."""
-    miner = TupleMiner(split, **MINER)
+    miner = tuple_miner.TupleMiner(split, **MINER)
     queries = np.random.default_rng([0, 0]).permutation(miner.queries)[:num_queries]
     seed = [0]
     patches = {"mining": plain_mining}

@@ -46,10 +46,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine, merge_results, replace_section
-from wakd.data.synthcity import City
 
 from wakd import zoo
 from wakd.models.normalization import IMAGENET_MEAN, IMAGENET_STD, OPENIBL_MEAN, OPENIBL_STD
+from wakd.synth.synthcity import City
 
 REPOS = {
     "cosplace": "CosPlace",
