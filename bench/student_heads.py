@@ -36,18 +36,23 @@ from wakd.synth.demo import STUDENT, Budget  # noqa: E402
 GEM_STUDENT = [o for o in STUDENT if not o.startswith("model.net.num_clusters")] + ["model/head=gem"]
 
 
-def run(title: str, args: list[str], log: Path, done: Path | None = None) -> None:
-    """One command of the pipeline; with ``done``, skipped when it finished before."""
-    if done is not None and done.is_file():
-        print(f"=== {title}: done before, skipped", flush=True)
-        return
-    print(f"=== {title}\n$ {shlex.join(['python', *args])}", flush=True)
+def run_all(commands: dict[str, list[str]], out: Path) -> None:
+    """Run the commands (title -> arguments of python) at once, each logging to
+    <out>/<title>.log; one that finished before (its <out>/<title>.done) is skipped."""
+    started = {}
+    for title, args in commands.items():
+        if (out / f"{title}.done").is_file():
+            print(f"=== {title}: done before, skipped", flush=True)
+            continue
+        print(f"=== {title}\n$ {shlex.join(['python', *args])}", flush=True)
+        with open(out / f"{title}.log", "a") as log:
+            started[title] = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=log)
     start = time.perf_counter()
-    with open(log, "a") as out:
-        subprocess.run([sys.executable, *args], cwd=REPO, stdout=out, check=True, text=True)
-    if done is not None:
-        done.touch()
-    print(f"--- {title}: {time.perf_counter() - start:.0f} s", flush=True)
+    for title, process in started.items():
+        if process.wait() != 0:
+            raise SystemExit(f"{title} failed (exit {process.returncode}); see {out / f'{title}.log'}")
+        (out / f"{title}.done").touch()
+        print(f"--- {title}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -60,34 +65,40 @@ def main() -> None:
     budget = Budget(20, 10, 1, 0.1, 0.1, 3e-4) if args.quick else Budget()
     out = Path(args.out).resolve() / f"seed{args.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "log.txt"
     common = [f"paths.data_dir={out.parent / f'data-seed{args.seed}'}", f"paths.log_dir={out / 'logs'}",
               f"seed={args.seed}", "dataset=synthcity"]
     load_before, start = os.getloadavg(), time.perf_counter()
 
-    def train(name: str, model: list[str], extra: list[str]) -> Path:
-        run(name, ["train.py", *model, *common, *extra, f"hydra.run.dir={out / name}"], log, out / name / ".done")
-        return out / name / "checkpoints"
+    def train(name: str, model: list[str], extra: list[str]) -> list[str]:
+        return ["train.py", *model, *common, *extra, f"hydra.run.dir={out / name}"]
 
     steps = budget.student_pretrain_steps
-    pretrained = train("pretrain-student", STUDENT, [
+    run_all({"pretrain-student": train("pretrain-student", STUDENT, [
         "experiment=pretrain_places", f"trainer.max_steps={steps}", f"trainer.limit_train_batches={steps}",
-        "optimizer.lr=3e-3", "teacher=none"])
+        "optimizer.lr=3e-3", "teacher=none"])}, out)
+    pretrained = out / "pretrain-student" / "checkpoints" / "last.ckpt"
     stage = ["experiment=demo_netvlad", f"module.schedule.first_passes={budget.netvlad_passes}",
-             f"model.weights={pretrained / 'last.ckpt'}", f"trainer.limit_train_batches={budget.student_netvlad_fraction}",
+             f"model.weights={pretrained}", f"trainer.limit_train_batches={budget.student_netvlad_fraction}",
              f"optimizer.lr={budget.student_netvlad_lr}", "teacher=none"]
     heads = {"netvlad": STUDENT, "gem": GEM_STUDENT}
-    trained = {head: train(f"student-{head}", model, stage) for head, model in heads.items()}
+    # The two stages share nothing but the pretraining checkpoint: on cores shared with other
+    # jobs they finish sooner side by side (the recalls do not depend on it).
+    run_all({f"student-{head}": train(f"student-{head}", model, stage) for head, model in heads.items()}, out)
 
+    evaluations = {
+        f"eval-{head}-{what}": ["eval.py", *model, *common, "pca=false", "plots=false", extra,
+                                f"hydra.run.dir={out / f'eval-{head}-{what}'}"]
+        for head, model in heads.items()
+        for what, extra in (("stage-start", f"model.weights={pretrained}"),
+                            ("trained", f"ckpt={out / f'student-{head}' / 'checkpoints' / 'best.ckpt'}"))
+    }
+    run_all(evaluations, out)
     rows: dict[str, dict] = {}
-    for head, model in heads.items():
-        for what, extra in (("stage start", [f"model.weights={pretrained / 'last.ckpt'}"]),
-                            ("trained", [f"ckpt={trained[head] / 'best.ckpt'}"])):
-            run_dir = out / f"eval-{head}-{what.replace(' ', '-')}"
-            run(f"evaluate {head} ({what})", ["eval.py", *model, *common, "pca=false", "plots=false", *extra,
-                                              f"hydra.run.dir={run_dir}"], log, run_dir / ".done")
-            results = json.loads((run_dir / "results.json").read_text())
-            rows[f"{head}, {what}"] = {"recall": results["recall"], "descriptor_dim": results["descriptor_dim"]}
+    for name in evaluations:
+        results = json.loads((out / name / "results.json").read_text())
+        _, head, what = name.split("-", 2)
+        rows[f"{head}, {what.replace('-', ' ')}"] = {"recall": results["recall"],
+                                                      "descriptor_dim": results["descriptor_dim"]}
     minutes = (time.perf_counter() - start) / 60
     load_after = os.getloadavg()
 
