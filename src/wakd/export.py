@@ -1,4 +1,4 @@
-"""Export a checkpoint's descriptor network (backbone + NetVLAD [+ PCA]) for deployment.
+"""Export a checkpoint's descriptor network (backbone + NetVLAD or GeM [+ PCA]) for deployment.
 
     python -m wakd.export ckpt=PATH format=onnx|torchscript [out=PATH] [pca=PATH]
         [image_size=[480,640]]

@@ -31,7 +31,8 @@ def centroid_file_name(model: DictConfig, dataset: str, seed: int) -> str:
     """NetVLAD centroid file for ``model`` on ``dataset``, named by everything that decides
     its dense features: the reference's ``{arch}_{dataset}_{K}_desc_cen.hdf5`` with the
     cut, the projection width and a non-ImageNet input normalisation after the arch, and
-    the weights (``weights_tag``) and, for random weights, the seed after K."""
+    the weights (``weights_tag``) and, for random weights, the seed after K. A head without
+    centroids (GeM) gets a name saying so: the key must resolve, but nothing reads the file."""
     net = model.net
     arch = [str(model.name)]
     if net.get("cut") is not None:
@@ -40,6 +41,9 @@ def centroid_file_name(model: DictConfig, dataset: str, seed: int) -> str:
         arch.append(f"p{net.proj_dim}")
     if net.get("input_norm") not in (None, "imagenet"):
         arch.append(f"norm-{net.input_norm}")
+    head = net.get("head", "netvlad")
+    if head != "netvlad":
+        return f"{'_'.join(arch)}_{dataset}_{head}-head-has-no-centroids"
     random_seed = f"_seed{seed}" if model.get("weights") is None else ""
     return (
         f"{'_'.join(arch)}_{dataset}_{net.num_clusters}{weights_tag(model.get('weights'))}"

@@ -1,4 +1,5 @@
-"""cluster.py: k-means centroids of dense local features for NetVLAD initialisation."""
+"""cluster.py: k-means centroids of dense local features for NetVLAD initialisation (a GeM
+head has none: clustering refuses it, initialisation skips it)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def compute_centroids(
     skip_corrupt: bool = False,
 ) -> Path:
     """500 random training images (queries + database) -> 100 dense features each -> k-means."""
+    if not net.has_netvlad:
+        raise ValueError(
+            f"the model's head is {type(net.pool).__name__}, which has no centroids: there is "
+            "nothing to cluster (cluster.py initialises NetVLAD only, model/head=netvlad); "
+            "train.py and eval.py need no centroid file for it"
+        )
     split = load_dataset_split(dataset, "train")
     paths = [*split.q_paths, *split.db_paths]
     chosen = np.random.default_rng(seed).choice(len(paths), size=min(num_images, len(paths)), replace=False)
@@ -49,7 +56,9 @@ def compute_centroids(
 def init_netvlad(net: PlaceNet, centroids: str | Path, cluster: Callable[[Path], object] | None = None) -> None:
     """NetVLAD of ``net`` from the k-means file ``centroids``: train.py has ``cluster`` write
     it first when it is missing; eval.py evaluates an untrained network without one as it is
-    (random centroids)."""
+    (random centroids). Another head (GeM) has no centroids: nothing to do."""
+    if not net.has_netvlad:
+        return
     centroids = Path(centroids)
     if not centroids.is_file():
         if cluster is None:

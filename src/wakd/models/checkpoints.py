@@ -181,14 +181,13 @@ def place_net_state(state: StateDict) -> StateDict:
     return state
 
 
-def read_netvlad_state(path: str | os.PathLike) -> StateDict | None:
-    """The NetVLAD layer (``conv.weight``, ``centroids``) of a whole trained place network
-    in any supported layout, or None when the file holds a backbone only (ImageNet,
-    pretraining)."""
+def read_pool_state(path: str | os.PathLike) -> StateDict | None:
+    """The head (``pool.*``: NetVLAD's ``conv.weight``, ``centroids``; GeM's ``p``,
+    ``fc.*``) of a whole trained place network in any supported layout, or None when the
+    file holds a backbone only (ImageNet). A pretraining checkpoint's is its GeM ``p``."""
     state = place_net_state(read_state_dict(path))
     pool = {k.removeprefix("pool."): v for k, v in state.items() if k.startswith("pool.")}
-    # A pretraining checkpoint's pool is GeM (``pool.p``), not NetVLAD.
-    return pool if {"conv.weight", "centroids"} <= pool.keys() else None
+    return pool or None
 
 
 def load_place_net_weights(net: nn.Module, path: str | os.PathLike) -> None:

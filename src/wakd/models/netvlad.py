@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _grid_slices(size: int, grid: int) -> list[slice]:
+def grid_slices(size: int, grid: int) -> list[slice]:
     """``grid`` contiguous slices covering range(size), sized as ``torch.tensor_split`` does."""
     return [slice(int(i[0]), int(i[-1]) + 1) for i in torch.arange(size).tensor_split(grid)]
 
@@ -35,6 +35,10 @@ class NetVLAD(nn.Module):
         self.dim = dim
         self.conv = nn.Conv2d(dim, num_clusters, kernel_size=1, bias=False)
         self.centroids = nn.Parameter(torch.rand(num_clusters, dim))
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.num_clusters * self.dim
 
     def _assign(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Per-location L2-normalised features x [B, D, H, W] and soft assignments a [B, K, H, W]."""
@@ -70,11 +74,11 @@ class NetVLAD(nn.Module):
                 f"use larger images or a smaller grid"
             )
         x, a = self._assign(features)
-        columns = _grid_slices(width, grid)
+        columns = grid_slices(width, grid)
         cells = torch.stack(
             [
                 torch.stack([self._aggregate(x[..., r, c], a[..., r, c]) for c in columns], dim=1)
-                for r in _grid_slices(height, grid)
+                for r in grid_slices(height, grid)
             ],
             dim=1,
         )  # [B, grid (rows), grid (columns), K, D]
