@@ -346,3 +346,20 @@ def test_place_pretraining_refuses_a_published_teacher(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pretrain_places distils from wakd teachers only"):
         pretrain_job.run(cfg)
     assert not (tmp_path / "no-data").exists()
+
+
+def test_gem_student_distilled_from_a_published_teacher(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A student without NetVLAD (model/head=gem) under a published teacher: the similarity
+    term compares Grams of the two descriptors, the attention term the two maps."""
+    weights = PUBLISHED["boq_dinov2"][0](tmp_path)
+    overrides = [
+        *(o for o in TINY_TRAIN if not o.startswith("model.net.num_clusters")),
+        "model=mobilenetv3_large", "model/head=gem", "model.weights=null", "model.net.cut=stride16",
+        "model.net.proj_dim=64", "teacher=boq", f"teacher.weights={weights}", "teacher.image_size=[56,70]",
+        "trainer.limit_train_batches=2",
+    ]
+    train.run(compose_cfg("train", overrides, tiny_data_dir, tmp_path / "run"))
+    header, *rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("train/loss_distill")
+    distilled = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    assert len(distilled) == 2 and all(v > 0 for v in distilled), distilled
