@@ -81,3 +81,10 @@ def test_relative_link_resolves(path: Path, target: str) -> None:
     assert linked.exists(), f"{where}: {linked} does not exist"
     if fragment and linked.suffix == ".md":
         assert fragment in _anchors(linked), f"{where}: no heading with anchor #{fragment}"
+
+
+def test_make_demo_runs_the_entry_scripts_of_this_checkout() -> None:
+    """`make demo` runs train.py / eval.py / cluster.py by path (src/wakd/synth/demo.py)."""
+    from wakd.synth import demo
+
+    assert all((demo.REPO / script).is_file() for script in ("train.py", "eval.py", "cluster.py")), demo.REPO

@@ -29,7 +29,7 @@ import torch
 
 from wakd.atomic import atomic_write_json, atomic_write_text
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # Demo-scale variants of the paper's models (the full-size configs stay the defaults):
 # ResNet18 cut at layer3 stands in for VGG16 as teacher (VGG16 trains at ~11 img/s on 2
