@@ -64,8 +64,9 @@ class Budget:
     # steps left its GeM val R@1 at 0.08 and 450 at 0.29, the start from which the NetVLAD
     # stage learns (issue 15); distilled, 250 steps already gave GeM 0.42, and after 450 the
     # WAKD student reached 1.22 of its teacher (three seeds) where 0.9 is asked for. At 450
-    # steps the demo took 21 minutes (goal 15): 200 steps and half a pass of the students'
-    # NetVLAD stage bring it to about 13.5 (issue 32); the plain student is then a weak miner.
+    # steps the demo took 21-28 minutes (goal 15); with 200 steps and half a pass of the
+    # students' NetVLAD stage, 17.8 from a fresh clone on quiet cores (2026-12-07), the WAKD
+    # student at 0.74 of its teacher and the plain student a weak miner (docs/demo.md).
     student_pretrain_steps: int = 200
     netvlad_passes: int = 1
     # Fractions of the pass's tuples. The teacher's stage gained 6 points in 0.6 of a pass at
