@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Parity with VPR-methods-evaluation: the same descriptors, its Recall@N and wakd's, query by query.
 
-    python bench/parity_vpr_methods_evaluation.py --vpr-eval /work/ext/VPR-methods-evaluation \
-        --vpr-eval-deps /work/ext/vpr-eval-deps
+    python bench/parity_vpr_methods_evaluation.py --vpr-eval DIR/VPR-methods-evaluation \
+        --vpr-eval-deps DIR/vpr-eval-deps
 
 1. The synthetic city (preset demo, seed 0) is generated and its test split converted to the
    UTM folder layout by ``python -m wakd.data.convert`` (symbolic links).
@@ -177,8 +177,8 @@ def compare(wakd: dict, theirs: dict, printed: dict[str, float]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vpr-eval", type=Path, default=Path("/work/ext/VPR-methods-evaluation"))
-    parser.add_argument("--vpr-eval-deps", type=Path, default=Path("/work/ext/vpr-eval-deps"))
+    parser.add_argument("--vpr-eval", type=Path, required=True, help="a VPR-methods-evaluation checkout")
+    parser.add_argument("--vpr-eval-deps", type=Path, required=True, help="a folder with its extra dependencies")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--replay", type=Path, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()

@@ -33,7 +33,7 @@ is started; its PCA's ``torch.symeig`` (kept by torch 2 only to raise) is lent
 empty ``cv2`` module stands in; the ``Tensor.addmm_(beta, alpha, m1, m2)`` overload still
 works on torch 2.14 (deprecated, warning silenced).
 
-    .venv/bin/python bench/reference_parity.py /work/ref/WAKD [--openibl /work/ref/OpenIBL]
+    .venv/bin/python bench/reference_parity.py REFERENCE_DIR [--openibl OPENIBL_DIR]
         [--write-fixture]
 
 Prints a table (quantity, max abs diff, max rel diff = max abs diff / max |reference|),

@@ -2,7 +2,7 @@
 """Parity of ``wakd.zoo`` with the published models' own code (issue 33).
 
 Each family is built with its authors' code, from public snapshots checked out *outside*
-the project (``--ext``, default /work/ext: CosPlace, EigenPlaces, OpenIBL,
+the project (``--ext DIR`` or ``$WAKD_EXT``: CosPlace, EigenPlaces, OpenIBL,
 deep-visual-geo-localization-benchmark, pytorch-NetVlad, MixVPR) and imported by path at
 run time; none of their code is copied here. Weights are random (torchvision's
 initialisation, every parameter perturbed, BatchNorm statistics measured on the images in
@@ -18,7 +18,7 @@ DVGLB's unused ``transformers`` / ``googledrivedownloader`` imports and OpenIBL'
 import get empty stand-in modules; OpenIBL's ``PCA.load`` moves tensors with ``.cuda()``,
 lent the identity on this CPU-only run.
 
-    .venv/bin/python bench/zoo_parity.py [--ext /work/ext] [--quick]
+    .venv/bin/python bench/zoo_parity.py --ext DIR [--quick]
 
 Writes ``zoo_parity_max_abs_error`` ({family: worst case}) to bench/results.json and the
 "zoo_parity" section of bench/RESULTS.md.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -277,7 +278,10 @@ def commit(repo: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ext", type=Path, default=Path("/work/ext"))
+    parser.add_argument(
+        "--ext", type=Path, default=os.environ.get("WAKD_EXT"), required="WAKD_EXT" not in os.environ,
+        help="the folder holding the authors' snapshots (default: $WAKD_EXT)",
+    )
     parser.add_argument("--quick", action="store_true", help="one or two backbones per family")
     parser.add_argument("--families", nargs="*", default=list(REPOS))
     args = parser.parse_args()

@@ -20,7 +20,7 @@ same random images (the authors' models get ImageNet-normalised images, as their
 pipelines deliver; wakd's normalise inside) at each family's evaluation size and at a
 non-square size; the figure is the max |difference| over all of them, fp32, CPU.
 
-    PYTHONPATH=src .venv/bin/python bench/zoo_parity_vit.py [--ext /work/ext] [--families salad,boq,megaloc|none]
+    PYTHONPATH=src .venv/bin/python bench/zoo_parity_vit.py --ext DIR [--families salad,boq,megaloc|none]
         [--write-fixture]
 
 Prints {family_variant: max_abs_error} as JSON and writes bench/zoo_parity_vit.json.
@@ -41,6 +41,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -363,7 +364,10 @@ def compare(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ext", type=Path, default=Path("/work/ext"))
+    parser.add_argument(
+        "--ext", type=Path, default=os.environ.get("WAKD_EXT"), required="WAKD_EXT" not in os.environ,
+        help="the folder holding the authors' snapshots (default: $WAKD_EXT)",
+    )
     parser.add_argument("--families", default="salad,boq,megaloc")
     parser.add_argument("--write-fixture", action="store_true")
     args = parser.parse_args()

@@ -10,7 +10,7 @@ describe the same seeded images, interleaved in one process on the same threads;
 figure is images per second, median of the repetitions after a warm-up.
 Goal: >= 1.5x with descriptors within 1e-4.
 
-    PYTHONPATH=src .venv/bin/python bench/zoo_speed.py [--ext /work/ext] [--images 4] [--rounds 5]
+    PYTHONPATH=src .venv/bin/python bench/zoo_speed.py --ext DIR [--images 4] [--rounds 5]
 
 Writes ``zoo_speedup: {family: ratio}`` (and the error) into bench/results.json and the
 <!-- zoo_speed --> section of RESULTS.md.
@@ -19,6 +19,7 @@ Writes ``zoo_speedup: {family: ratio}`` (and the error) into bench/results.json 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -79,7 +80,10 @@ def measure(ext: Path, key: str, n_images: int, rounds: int, tmp: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ext", type=Path, default=Path("/work/ext"), help="the authors' snapshots")
+    parser.add_argument(
+        "--ext", type=Path, default=os.environ.get("WAKD_EXT"), required="WAKD_EXT" not in os.environ,
+        help="the folder holding the authors' snapshots (default: $WAKD_EXT)",
+    )
     parser.add_argument("--images", type=int, default=4, help="images per timed batch")
     parser.add_argument("--rounds", type=int, default=5, help="timed repetitions after a warm-up")
     parser.add_argument("--no-write", action="store_true", help="do not touch bench/results.*")
