@@ -50,7 +50,7 @@ def _module(student: torch.nn.Module, teacher: torch.nn.Module | None, cache: bo
     return module
 
 
-def _step(module: PlaceModule, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+def timed_step(module: PlaceModule, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
     """Wall and process CPU seconds of one training step."""
     start, start_cpu = time.perf_counter(), time.process_time()
     loss = module.training_step(batch, 0)
@@ -91,7 +91,7 @@ def main() -> None:
     cpu_times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_ in range(args.rounds + 1):
         for name, module in candidates.items():
-            elapsed, cpu = _step(module, batch)
+            elapsed, cpu = timed_step(module, batch)
             if round_ > 0:  # round 0 warms up caches and allocators
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu)

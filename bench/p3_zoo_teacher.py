@@ -26,6 +26,7 @@ import warnings
 
 import torch
 from p1_speedup import THREADS, load_average
+from p3_distill_step import timed_step
 
 from wakd.data.images import TensorImageDataset
 from wakd.models import build_place_net
@@ -52,16 +53,6 @@ def _module(teacher: ZooTeacher | None, cache: bool) -> PlaceModule:
     module.train()
     module.bench_optimizer = module.configure_optimizers()
     return module
-
-
-def _step(module: PlaceModule, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
-    """Wall and process CPU seconds of one training step."""
-    start, start_cpu = time.perf_counter(), time.process_time()
-    loss = module.training_step(batch, 0)
-    loss.backward()
-    module.bench_optimizer.step()
-    module.bench_optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def main() -> None:
@@ -93,7 +84,7 @@ def main() -> None:
     cpu_times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_ in range(args.rounds + 1):
         for name, module in candidates.items():
-            elapsed, cpu = _step(module, batch)
+            elapsed, cpu = timed_step(module, batch)
             if round_ > 0:  # round 0 warms up caches and allocators
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu)
