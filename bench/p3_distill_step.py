@@ -60,6 +60,22 @@ def timed_step(module: PlaceModule, batch: tuple[torch.Tensor, torch.Tensor]) ->
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
+def step_seconds(
+    candidates: dict[str, PlaceModule], batch: tuple[torch.Tensor, torch.Tensor], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of a step per candidate, one per round: ``rounds`` rounds after a
+    warm-up one, the candidates interleaved within each round."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    cpu_times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_ in range(rounds + 1):
+        for name, module in candidates.items():
+            elapsed, cpu = timed_step(module, batch)
+            if round_ > 0:  # round 0 warms up caches and allocators
+                times[name].append(elapsed)
+                cpu_times[name].append(cpu)
+    return times, cpu_times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
@@ -87,14 +103,7 @@ def main() -> None:
     fill_per_image = (time.perf_counter() - start) / TUPLE
     candidates["wakd_cache"].teacher_cache = cache
 
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    cpu_times: dict[str, list[float]] = {name: [] for name in candidates}
-    for round_ in range(args.rounds + 1):
-        for name, module in candidates.items():
-            elapsed, cpu = timed_step(module, batch)
-            if round_ > 0:  # round 0 warms up caches and allocators
-                times[name].append(elapsed)
-                cpu_times[name].append(cpu)
+    times, cpu_times = step_seconds(candidates, batch, args.rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
     median_cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
     ratio = median["wakd_cache"] / median["plain"]

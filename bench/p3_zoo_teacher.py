@@ -26,7 +26,7 @@ import warnings
 
 import torch
 from p1_speedup import THREADS, load_average
-from p3_distill_step import timed_step
+from p3_distill_step import step_seconds
 
 from wakd.data.images import TensorImageDataset
 from wakd.models import build_place_net
@@ -80,14 +80,7 @@ def main() -> None:
     fill_per_image = (time.perf_counter() - start) / TUPLE
     candidates["wakd_cache"].teacher_cache = cache
 
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    cpu_times: dict[str, list[float]] = {name: [] for name in candidates}
-    for round_ in range(args.rounds + 1):
-        for name, module in candidates.items():
-            elapsed, cpu = timed_step(module, batch)
-            if round_ > 0:  # round 0 warms up caches and allocators
-                times[name].append(elapsed)
-                cpu_times[name].append(cpu)
+    times, cpu_times = step_seconds(candidates, batch, args.rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
     median_cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
     ratio, ratio_live = median["wakd_cache"] / median["plain"], median["wakd_live"] / median["plain"]
