@@ -115,9 +115,10 @@ def test_learning_rate_schedule_warms_up_then_follows_a_cosine() -> None:
     assert _lr_factors([0, 3, 500], warmup_steps=4) == pytest.approx([0.25, 1.0, 1.0])
 
 
-def test_pretraining_with_teacher_adds_distillation_and_leaves_teacher_alone() -> None:
+@pytest.mark.parametrize("teacher_head", ["netvlad", "gem"])  # GeM: the Gram of its descriptors
+def test_pretraining_with_teacher_adds_distillation_and_leaves_teacher_alone(teacher_head: str) -> None:
     torch.manual_seed(0)
-    teacher = build_place_net("resnet18", cut="layer3", num_clusters=4)
+    teacher = build_place_net("resnet18", cut="layer3", num_clusters=4, head=teacher_head)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = build_place_net("mobilenetv3_large", cut="stride16", proj_dim=16, num_clusters=4)
     images, labels = torch.rand(4, 2, 3, 64, 86), torch.tensor([0, 1, 2, 3])

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from wakd.export import run as export
 from wakd.jobs import cluster, evaluate, train
-from wakd.jobs.common import build_net, model_config_for
+from wakd.jobs.common import build_net, build_teacher_net, model_config_for
 from wakd.losses import hard_loss
 from wakd.models import PlaceNet, build_place_net
 from wakd.models.gem import GeMHead
@@ -203,3 +203,26 @@ def test_init_netvlad_leaves_a_gem_head_alone(tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in net.state_dict().items()}
     cluster.init_netvlad(net, tmp_path / "missing.hdf5", cluster=lambda path: pytest.fail("clustered"))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_gem_checkpoint_is_a_teacher_by_the_architecture_it_stores(
+    gem_run: tuple[Path, Path], tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """teacher=resnet18 teacher.ckpt=<a GeM run>: the teacher config's NetVLAD head gives way
+    to the checkpoint's GeM head, and a NetVLAD student distils its descriptors' Gram."""
+    ckpt = gem_run[0] / "checkpoints" / "best.ckpt"
+    overrides = [*TINY_TRAIN, "teacher=resnet18", f"teacher.ckpt={ckpt}", "trainer.limit_train_batches=2",
+                 "module.schedule.first_passes=1"]
+    cfg = compose_cfg("train", overrides, tiny_data_dir, tmp_path / "run")
+    assert cfg.teacher.net.num_clusters == 64  # the config's head, not the checkpoint's
+    teacher = build_teacher_net(cfg.teacher)
+    stored = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert isinstance(teacher.pool, GeMHead)
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, stored[f"net.{key}"], rtol=0, atol=0, msg=key)
+    train.run(cfg)
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss_distill" in metrics
+    student = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert student["wakd"]["teacher"]["ckpt"] == str(ckpt)
+    assert student["wakd"]["model"]["net"]["head"] == "netvlad"

@@ -89,14 +89,21 @@ def build_teacher_net(teacher_cfg: DictConfig) -> torch.nn.Module:
     from ``teacher.ckpt``, or a published model from ``teacher.weights`` that sees images at
     its ``teacher.image_size`` (:class:`wakd.zoo.ZooTeacher`)."""
     if "zoo_family" not in teacher_cfg:
-        return build_net(teacher_cfg, teacher_cfg.ckpt)
+        # A wakd checkpoint names its own architecture (head included: a GeM teacher loads
+        # with teacher=resnet18 teacher.ckpt=PATH); teacher.net describes foreign files.
+        return build_net(stored_model_config(teacher_cfg, teacher_cfg.ckpt), teacher_cfg.ckpt)
     size = teacher_cfg.image_size
     return ZooTeacher(build_zoo_model(teacher_cfg), tuple(size) if size else None, teacher_cfg.resize)
 
 
 def model_config_for(cfg: DictConfig, ckpt: str | None) -> DictConfig:
     """Prefer the architecture stored in a wakd checkpoint over the command line's ``model``."""
-    stored = checkpoint_model_config(ckpt) if ckpt else None
-    return OmegaConf.create(stored) if stored else cfg.model
+    return stored_model_config(cfg.model, ckpt)
+
+
+def stored_model_config(model_cfg: DictConfig, ckpt: str | None) -> DictConfig:
+    """The architecture a wakd checkpoint ``ckpt`` stores, else ``model_cfg`` (foreign files, no file)."""
+    stored = checkpoint_model_config(ckpt) if ckpt and Path(ckpt).is_file() else None
+    return OmegaConf.create(stored) if stored else model_cfg
 
 

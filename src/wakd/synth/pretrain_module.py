@@ -17,7 +17,7 @@ the rendered 0-1 views) included: the NetVLAD model then sees pixels on the same
 
 With a frozen ``teacher`` (a trained PlaceNet), the WAKD distillation terms join the
 objective: the row-normalised Gram of the student's embeddings over the whole batch of
-views must match the Gram of the teacher's VLADs, and likewise for the attention maps
+views must match the Gram of the teacher's VLADs (a GeM teacher's descriptors), and likewise for the attention maps
 (:func:`wakd.losses.distill_loss`, the same losses as NetVLAD training). A batch of 64
 views gives a 64 x 64 similarity structure to copy instead of a tuple's 7 x 7.
 
@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from wakd.eval.protocol import training_card
-from wakd.losses import distill_loss, teacher_targets
+from wakd.losses import distill_loss
 from wakd.models.modes import frozen
 from wakd.models.place_net import PlaceNet
 from wakd.modules.settings import DistillSettings, OptimizerFactory, SchedulerFactory
+from wakd.modules.teacher_cache import teacher_targets_of
 from wakd.modules.validation import RecallValidation
 from wakd.synth.embedding import CosineClassifier, PlaceEmbedding
 from wakd.synth.embedding_losses import cosface_logits, multi_positive_info_nce
@@ -117,9 +118,9 @@ class PlacePretrainModule(RecallValidation, L.LightningModule):
 
     def _distill(self, images: torch.Tensor, embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = self.teacher.encode(images)
-            teacher_vlad, teacher_attention = teacher_targets(target.vlad, target.features)
-        terms = distill_loss(embeddings, teacher_vlad, features, teacher_attention,
+            # Intra-normalised VLAD rows (a GeM teacher: its descriptor), maps [N, h, w].
+            teacher_rows, teacher_map = teacher_targets_of(self.teacher, images)
+        terms = distill_loss(embeddings, teacher_rows, features, teacher_map.flatten(1),
                              use_vlad=self.distill.vlad, use_attention=self.distill.attention,
                              center=self.distill.center)
         self.log("train/loss_distill", terms["total"], prog_bar=True)
