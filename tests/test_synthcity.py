@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -172,3 +173,13 @@ def test_train_cells_cover_training_streets(city):
     # Cells do not overlap: centres at least a cell apart-ish along the streets.
     d = np.linalg.norm(centres[:, None] - centres[None], axis=2) + np.eye(len(centres)) * 1e9
     assert d.min() > 5.0
+
+
+def test_bench_preset_is_the_demo_city_with_600_test_queries():
+    """bench/other_teacher.py's city: the demo's streets and views, twice the test queries."""
+    demo, bench = City("demo"), City("bench")
+    assert bench.config.queries == (1000, 300, 600)
+    assert dataclasses.replace(demo.config, queries=bench.config.queries) == bench.config
+    for split in ("train", "val", "test"):
+        for ours, theirs in zip(bench.places(split), demo.places(split), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
